@@ -1,0 +1,39 @@
+# Two entry points: `make quickstart` and `make test`. Both build the same virtual environment.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build keeps CI and laptops fast; GPU users install their CUDA build of torch first (any torch>=2.4,<3 works).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/lightning-memopt fit --config recipes/quickstart.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check lightning_memopt tests
+	$(BIN)/ruff format --check lightning_memopt tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy lightning_memopt
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python -m lightning_memopt.bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs

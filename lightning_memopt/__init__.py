@@ -1,0 +1,35 @@
+"""lightning-memopt: memory-efficient full-parameter fine-tuning for PyTorch Lightning.
+
+Importing the package registers the ``"badam"`` strategy name, so ``Trainer(strategy="badam")`` and
+``strategy: badam`` in LightningCLI YAML work.
+
+Example::
+
+    from lightning.pytorch import Trainer
+    from lightning_memopt import BAdamStrategy, BlockSwitch
+
+    trainer = Trainer(strategy=BAdamStrategy(), precision="bf16-true",
+                      callbacks=[BlockSwitch(every=100, order="random")])
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_memopt.blocks import Block, BlockPartitionError, partition
+from lightning_memopt.callbacks import BlockSwitch
+from lightning_memopt.precision import MasterGradScalerPrecision
+from lightning_memopt.strategies import BAdamStrategy
+
+__version__ = "0.1.0.dev0"
+
+# Lightning 2.6 does not discover third-party strategies: register ours on import, once.
+BAdamStrategy.register_strategies(StrategyRegistry)
+
+__all__ = [
+    "BAdamStrategy",
+    "Block",
+    "BlockPartitionError",
+    "BlockSwitch",
+    "MasterGradScalerPrecision",
+    "__version__",
+    "partition",
+]

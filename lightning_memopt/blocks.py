@@ -1,0 +1,284 @@
+"""Partition a model's parameters into the blocks that BAdam trains one at a time.
+
+Pure functions over ``torch.nn.Module``: nothing here knows about Lightning. A *block* is a named, ordered tuple of
+parameter names (as ``module.named_parameters()`` spells them). The default partition finds the model's repeated
+layers (``model.layers.N``, ``transformer.h.N``, ``encoder.layer.N``, ``blocks.N``, ...) and makes one block per
+layer; the token embedding and the language-model head become blocks only when asked.
+
+Example::
+
+    >>> from torch import nn
+    >>> net = nn.Sequential()
+    >>> net.embed = nn.Embedding(10, 4)
+    >>> net.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    >>> [b.name for b in partition(net)]
+    ['layers.0', 'layers.1', 'layers.2']
+    >>> partition(net, block_prefixes=["layers.0", ["layers.1", "layers.2"]])[1].param_names
+    ('layers.1.weight', 'layers.1.bias', 'layers.2.weight', 'layers.2.bias')
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "Block",
+    "BlockPartitionError",
+    "find_embedding_params",
+    "find_layer_lists",
+    "find_lm_head_params",
+    "matches_prefix",
+    "partition",
+]
+
+
+class BlockPartitionError(ValueError):
+    """The parameters cannot be split into blocks as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of BAdam's block coordinate descent.
+
+    Attributes:
+        name: a readable name, e.g. ``"model.layers.3"`` or ``"embedding"``.
+        param_names: names of the parameters in the block, in the model's ``named_parameters()`` order.
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+
+
+def matches_prefix(name: str, prefix: str) -> bool:
+    """Whether the dotted parameter ``name`` lies under ``prefix``, respecting name boundaries.
+
+    ``layers.1`` and ``layers.1.`` both match ``layers.1.weight`` but never ``layers.10.weight``.
+
+    Example::
+
+        >>> matches_prefix("model.layers.10.mlp.weight", "model.layers.1")
+        False
+        >>> matches_prefix("model.layers.1.mlp.weight", "model.layers.1.")
+        True
+    """
+    prefix = prefix.rstrip(".")
+    if not prefix:
+        return True
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _is_composite(module: nn.Module) -> bool:
+    return any(True for _ in module.children())
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def find_layer_lists(module: nn.Module) -> list[str]:
+    """Dotted paths of the model's repeated-layer containers, outermost first, in registration order.
+
+    A container counts when it is an ``nn.ModuleList`` (or an ``nn.Sequential`` of composite layers) with at least two
+    children of one class that hold parameters. Containers nested inside a found one are not returned (the layers of a
+    mixture-of-experts stay whole).
+
+    Example::
+
+        >>> from torch import nn
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), num_layers=2, enable_nested_tensor=False)
+        >>> find_layer_lists(enc)
+        ['layers']
+    """
+    found: list[str] = []
+    for path, sub in module.named_modules():
+        if any(matches_prefix(path, outer) for outer in found):
+            continue
+        if not isinstance(sub, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(sub.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1 or not all(_has_params(c) for c in children):
+            continue
+        if isinstance(sub, nn.Sequential) and not _is_composite(children[0]):
+            # a Sequential of plain Linear/Conv layers is usually one layer, not a stack of layers
+            continue
+        found.append(path)
+    return found
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def find_embedding_params(module: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    """Names of the parameters of ``nn.Embedding`` modules outside the ``exclude`` prefixes (the layer containers)."""
+    names: list[str] = []
+    for path, sub in module.named_modules():
+        if isinstance(sub, nn.Embedding) and not any(matches_prefix(path, ex) for ex in exclude):
+            names.extend(_join(path, n) for n, _ in sub.named_parameters(recurse=False))
+    return names
+
+
+def find_lm_head_params(module: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    """Names of the parameters of the output projection (the language-model head).
+
+    Hugging Face models report it through ``get_output_embeddings()``; otherwise a ``Linear`` named ``lm_head`` or one
+    that projects onto the vocabulary of the model's largest ``nn.Embedding`` counts.
+    """
+    by_id = {id(m): path for path, m in module.named_modules()}
+    heads: list[str] = []
+    for sub in module.modules():
+        getter = getattr(sub, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if isinstance(head, nn.Module) and id(head) in by_id:
+                heads.append(by_id[id(head)])
+    if not heads:
+        vocab = max(
+            (m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)),
+            default=None,
+        )
+        for path, sub in module.named_modules():
+            if not isinstance(sub, nn.Linear) or any(matches_prefix(path, ex) for ex in exclude):
+                continue
+            if path.split(".")[-1] == "lm_head" or (vocab is not None and sub.out_features == vocab):
+                heads.append(path)
+    params = dict(module.named_parameters())
+    names: list[str] = []
+    for path in dict.fromkeys(heads):
+        head_module = module.get_submodule(path)
+        for n, _ in head_module.named_parameters(recurse=True):
+            full = _join(path, n)
+            # a head tied to the embedding has no parameter of its own in named_parameters()
+            if full in params:
+                names.append(full)
+    return names
+
+
+def _suggest(prefix: str, names: Sequence[str]) -> str:
+    stripped = prefix.rstrip(".")
+    containing = sorted({n[: n.index(stripped) + len(stripped)] for n in names if ("." + stripped + ".") in ("." + n)})
+    if containing:
+        return f" Did you mean {containing[0]!r}? (prefixes are matched from the start of the parameter name)"
+    close = difflib.get_close_matches(stripped, [n.rsplit(".", 1)[0] for n in names], n=1)
+    if close:
+        return f" The closest module with parameters is {close[0]!r}."
+    return f" Parameter names start like {names[0]!r}." if names else ""
+
+
+def partition(
+    module: nn.Module,
+    block_prefixes: Sequence[str | Sequence[str]] | None = None,
+    block_regexes: Sequence[str] | None = None,
+    include_embedding: bool = False,
+    include_lm_head: bool = False,
+    trainable_only: bool = True,
+) -> list[Block]:
+    """Split ``module``'s parameters into BAdam blocks.
+
+    Args:
+        module: the model (a ``LightningModule`` works too; names are then relative to it).
+        block_prefixes: explicit blocks, one entry per block: a dotted prefix (``"model.layers.0"``) or a list of
+            prefixes that form one block together. Prefixes respect name boundaries.
+        block_regexes: explicit blocks as regular expressions searched in each parameter name, one per block.
+            Prefixes and regexes may be combined; prefix blocks come first.
+        include_embedding: with the automatic partition, add the token/position embeddings as the first block.
+        include_lm_head: with the automatic partition, add the output head as the last block (a head tied to the
+            embedding has no parameter of its own and adds nothing).
+        trainable_only: ignore parameters with ``requires_grad=False`` (frozen by the user).
+
+    Returns:
+        The blocks, in training order for ``order="ascending"``.
+
+    Raises:
+        BlockPartitionError: no repeated layers found, a prefix or regex matches no parameter, or a parameter falls in
+            two blocks. The message says what to pass instead.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Module()
+        >>> net.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(11))
+        >>> partition(net, block_prefixes=["layers.1"])[0].param_names
+        ('layers.1.weight', 'layers.1.bias')
+    """
+    names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+    if not names:
+        raise BlockPartitionError(
+            "The model has no trainable parameters, so there is nothing for BAdam to train. "
+            "Unfreeze the parameters you want to fine-tune (requires_grad=True)."
+        )
+    blocks: list[Block] = []
+    if block_prefixes is not None or block_regexes is not None:
+        for entry in block_prefixes or ():
+            prefixes = [entry] if isinstance(entry, str) else list(entry)
+            if not prefixes:
+                raise BlockPartitionError("An entry of block_prefixes is an empty list; give at least one prefix.")
+            members: list[str] = []
+            for prefix in prefixes:
+                hit = [n for n in names if matches_prefix(n, prefix)]
+                if not hit:
+                    raise BlockPartitionError(
+                        f"Block prefix {prefix!r} matches no trainable parameter.{_suggest(prefix, names)}"
+                    )
+                members.extend(hit)
+            member_set = set(members)
+            name = " + ".join(p.rstrip(".") for p in prefixes)
+            blocks.append(Block(name, tuple(n for n in names if n in member_set)))
+        for pattern in block_regexes or ():
+            try:
+                regex = re.compile(pattern)
+            except re.error as err:
+                raise BlockPartitionError(f"Block regex {pattern!r} is not a valid regular expression: {err}") from err
+            hit = [n for n in names if regex.search(n)]
+            if not hit:
+                raise BlockPartitionError(
+                    f"Block regex {pattern!r} matches no trainable parameter. Parameter names look like "
+                    f"{names[0]!r}; regexes are applied with re.search."
+                )
+            blocks.append(Block(pattern, tuple(hit)))
+    else:
+        layer_lists = find_layer_lists(module)
+        if not layer_lists:
+            raise BlockPartitionError(
+                f"Found no repeated layers (an nn.ModuleList of identical layers) in {type(module).__name__}, so the "
+                "blocks cannot be chosen automatically. Pass block_prefixes=[...] (one prefix, or list of prefixes, "
+                f"per block) or block_regexes=[...]; parameter names look like {names[0]!r}."
+            )
+        if include_embedding:
+            emb = [n for n in find_embedding_params(module, exclude=layer_lists) if n in names]
+            if emb:
+                blocks.append(Block("embedding", tuple(emb)))
+        for path in layer_lists:
+            container = module.get_submodule(path)
+            for child_name, _ in container.named_children():
+                layer = _join(path, child_name)
+                members_t = tuple(n for n in names if matches_prefix(n, layer))
+                if members_t:
+                    blocks.append(Block(layer, members_t))
+        if include_lm_head:
+            taken = {n for b in blocks for n in b.param_names}
+            head = [n for n in find_lm_head_params(module, exclude=layer_lists) if n in names and n not in taken]
+            if head:
+                blocks.append(Block("lm_head", tuple(head)))
+    _check_disjoint(blocks)
+    return blocks
+
+
+def _check_disjoint(blocks: Sequence[Block]) -> None:
+    owner: dict[str, str] = {}
+    for block in blocks:
+        for n in block.param_names:
+            if n in owner:
+                raise BlockPartitionError(
+                    f"Parameter {n!r} is in two blocks ({owner[n]!r} and {block.name!r}). Blocks must not overlap: "
+                    "make the prefixes or regexes more specific."
+                )
+            owner[n] = block.name

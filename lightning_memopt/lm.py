@@ -1,0 +1,210 @@
+"""A plain LightningModule around a Hugging Face causal language model.
+
+Nothing in it knows about BAdam: it is the kind of module users already have, and the strategies and callbacks of
+this package must work with it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+__all__ = ["IGNORE_INDEX", "TINY_LLAMA", "CausalLM", "TokenPerplexity", "next_token_loss"]
+
+IGNORE_INDEX = -100
+"""Target value that is left out of the loss (Hugging Face's convention for padding and prompt tokens)."""
+
+TINY_LLAMA: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+}
+"""Default ``LlamaConfig`` arguments: a byte-level model of about 0.9 M parameters that trains in minutes on a CPU."""
+
+
+def next_token_loss(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy per predicted token and the number of tokens it averages over.
+
+    ``batch`` holds either ``targets`` aligned with the logits (``targets[:, t]`` is the token after position ``t``,
+    as :class:`~lightning_memopt.data.TextDataModule` yields), or Hugging Face style ``labels`` equal to the inputs,
+    which are shifted here. Positions whose target is :data:`IGNORE_INDEX` are left out.
+
+    Example::
+
+        >>> logits = torch.zeros(1, 3, 256)
+        >>> loss, tokens = next_token_loss(logits, {"targets": torch.tensor([[1, 2, IGNORE_INDEX]])})
+        >>> round(loss.item(), 4), tokens.item()
+        (5.5452, 2)
+    """
+    if "targets" in batch:
+        targets = batch["targets"]
+    elif "labels" in batch:
+        logits, targets = logits[:, :-1], batch["labels"][:, 1:]
+    else:
+        raise KeyError(f"The batch needs `targets` or `labels` next to `input_ids`, but has keys {sorted(batch)}.")
+    # Half-precision logits lose the small probabilities that dominate the loss of a good model.
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    tokens = (targets != IGNORE_INDEX).sum()
+    return loss_sum / tokens.clamp(min=1), tokens
+
+
+class TokenPerplexity(MeanMetric):
+    """Perplexity: the exponential of the mean negative log-likelihood per token.
+
+    Update it with a batch's mean loss and its token count as ``weight``; batches then count in proportion to their
+    tokens, so the result equals the perplexity of the whole split rather than a mean over batches.
+
+    Example::
+
+        >>> ppl = TokenPerplexity()
+        >>> ppl.update(torch.tensor(1.0), weight=3)
+        >>> ppl.update(torch.tensor(2.0), weight=1)
+        >>> round(ppl.compute().item(), 4)  # exp(1.25)
+        3.4903
+    """
+
+    @override
+    def compute(self) -> Tensor:
+        return super().compute().exp()
+
+
+class CausalLM(LightningModule):
+    """Next-token training of a Hugging Face causal language model, loaded from disk or built from a config.
+
+    The model is built in ``__init__`` so that it exists, with its weights, before the ``Trainer`` starts, and the
+    CLI's seed makes a from-scratch model reproducible. Pretrained models load in the dtype they were saved in
+    (``dtype="auto"``), so an 8B model does not pass through a 32 GB float32 copy; train it with
+    ``precision="bf16-true"``.
+
+    Logs ``train_loss`` and ``train_ppl`` every step and ``val_loss`` and ``val_ppl`` per validation run; both are
+    token-weighted means, so the perplexity is that of the whole validation split.
+
+    Args:
+        model_path: local directory (or hub name, if ``local_files_only=False``) of a pretrained model for
+            ``AutoModelForCausalLM.from_pretrained``. ``None`` builds a fresh Llama from ``config``.
+        config: ``transformers.LlamaConfig`` arguments for a model built from scratch, merged over
+            :data:`TINY_LLAMA` (so ``{"num_hidden_layers": 8}`` changes only the depth). Not allowed with
+            ``model_path``.
+        local_files_only: never download; a hub name then only resolves from the local cache. Set ``False`` to let
+            ``from_pretrained`` fetch from the Hugging Face Hub.
+        dtype: dtype ``from_pretrained`` loads the weights in (``"auto"``: as saved; or e.g. ``"bfloat16"``).
+        lr: learning rate of the AdamW from :meth:`configure_optimizers`. The CLI's ``optimizer:`` replaces that
+            method, and with it this value.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of storing
+            them.
+        gradient_checkpointing_reentrant: use ``torch.utils.checkpoint``'s reentrant variant, which only passes
+            gradients to a layer whose input requires grad.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_memopt.data import TextDataModule
+        >>> model = CausalLM(config={"num_hidden_layers": 2})
+        >>> trainer = Trainer(max_steps=2, precision="bf16-true", logger=False, enable_checkpointing=False)
+        >>> trainer.fit(model, TextDataModule(max_bytes=50_000))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        local_files_only: bool = True,
+        dtype: str = "auto",
+        lr: float = 3e-4,
+        gradient_checkpointing: bool = False,
+        gradient_checkpointing_reentrant: bool = False,
+    ) -> None:
+        super().__init__()
+        if model_path is not None and config is not None:
+            raise ValueError(
+                "Pass either `model_path` (load a pretrained model) or `config` (build one from scratch), not both."
+                " To change a pretrained model's configuration, edit its config.json."
+            )
+        if lr <= 0:
+            raise ValueError(f"lr should be > 0 but is: {lr}")
+        self.save_hyperparameters()
+        self.lr = lr
+        self.model = self._build(model_path, config, local_files_only, dtype)
+        if gradient_checkpointing:
+            self._enable_checkpointing(gradient_checkpointing_reentrant)
+        self.train_loss = MeanMetric()
+        self.train_ppl = TokenPerplexity()
+        self.val_loss = MeanMetric()
+        self.val_ppl = TokenPerplexity()
+
+    @staticmethod
+    def _build(
+        model_path: str | None, config: dict[str, Any] | None, local_files_only: bool, dtype: str
+    ) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+        if model_path is None:
+            return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **(config or {})}))
+        try:
+            return AutoModelForCausalLM.from_pretrained(model_path, local_files_only=local_files_only, dtype=dtype)
+        except OSError as err:
+            hint = " It is not in the local cache; pass `local_files_only: false` to download it." * local_files_only
+            raise OSError(f"Could not load a model from model_path={model_path!r}.{hint}") from err
+
+    def _enable_checkpointing(self, reentrant: bool) -> None:
+        kwargs = {"use_reentrant": reentrant}
+        # transformers 5 renamed the method and deprecated the old name; 4.x only has the old one.
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @override
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits of shape ``(batch, seq_len, vocab_size)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return next_token_loss(self(batch["input_ids"], batch.get("attention_mask")), batch)
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, tokens = self._loss(batch)
+        self.train_loss(loss.detach(), tokens)
+        self.train_ppl(loss.detach(), tokens)
+        self.log("train_loss", self.train_loss, prog_bar=True)
+        self.log("train_ppl", self.train_ppl)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, tokens = self._loss(batch)
+        self.val_loss.update(loss, tokens)
+        self.val_ppl.update(loss, tokens)
+        self.log("val_loss", self.val_loss, prog_bar=True)
+        self.log("val_ppl", self.val_ppl)
+
+    def _metrics_in_float32(self) -> None:
+        # `bf16-true`/`16-true` cast the whole LightningModule with `.to(dtype)`, metric states included; a
+        # half-precision running sum of token counts stops growing after a few hundred tokens.
+        for metric in (self.train_loss, self.train_ppl, self.val_loss, self.val_ppl):
+            metric.set_dtype(torch.float32)
+
+    @override
+    def on_train_start(self) -> None:
+        self._metrics_in_float32()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._metrics_in_float32()
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)

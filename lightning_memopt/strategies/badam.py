@@ -1,0 +1,511 @@
+"""BAdam: block coordinate descent with the user's optimizer as the inner solver (Luo, Yu & Li, NeurIPS 2024).
+
+The model's weights stay in the half precision Lightning's ``precision`` asked for. Only the *active block* has FP32
+master weights, FP32 gradients and optimizer state; the user's own optimizer object is kept and its ``param_groups``
+are re-pointed at the active block's masters, so LR schedulers, ``LearningRateMonitor``, gradient clipping and the
+``on_before_optimizer_step`` hook keep working. Which block is active, and when it changes, is decided by the
+:class:`~lightning_memopt.BlockSwitch` callback.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import LBFGS, Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_memopt.blocks import Block, partition
+from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
+
+__all__ = ["BAdamStrategy", "BlockCoordinateMixin"]
+
+_CKPT_KEY = "badam"
+_CKPT_FORMAT = 1
+
+
+def _needs_master(param: Tensor) -> bool:
+    # FP32/FP64 weights are their own masters: no copy, and 32-true BAdam equals the plain optimizer exactly
+    return param.dtype not in (torch.float32, torch.float64)
+
+
+class BlockCoordinateMixin:
+    """The block bookkeeping shared by the BAdam strategies: half weights, the active block's masters, re-pointing.
+
+    A strategy mixing this in calls :meth:`_badam_setup` once its optimizers exist, :meth:`_badam_grads_to_masters`
+    after every backward, :meth:`_badam_masters_to_weights` after every optimizer step and :meth:`_badam_teardown`
+    at the end. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch` calls :meth:`activate`.
+    """
+
+    lightning_module: LightningModule | None
+    optimizers: list[Optimizer]
+    precision_plugin: Precision
+
+    def _badam_init(
+        self,
+        block_prefixes: Sequence[str | Sequence[str]] | None,
+        block_regexes: Sequence[str] | None,
+        include_embedding: bool,
+        include_lm_head: bool,
+        keep_optimizer_state: bool,
+        active_input_requires_grad: bool | None,
+    ) -> None:
+        self.block_prefixes = block_prefixes
+        self.block_regexes = block_regexes
+        self.include_embedding = include_embedding
+        self.include_lm_head = include_lm_head
+        self.keep_optimizer_state = keep_optimizer_state
+        self.active_input_requires_grad = active_input_requires_grad
+        self._blocks: list[Block] = []
+        self._active: int | None = None
+        self._params: dict[str, nn.Parameter] = {}
+        self._masters: dict[str, nn.Parameter] = {}
+        self._group_members: list[list[str]] = []
+        self._original_groups: list[list[nn.Parameter]] = []
+        self._original_requires_grad: dict[str, bool] = {}
+        self._stash: dict[str, dict[str, Any]] = {}
+        self._input_hooks: list[RemovableHandle] = []
+        self._pending_ckpt: dict[str, Any] | None = None
+        self._ready = False
+
+    # ----------------------------------------------------------------------------------------------- public surface
+    @property
+    def blocks(self) -> list[Block]:
+        """The blocks, in ascending order. Empty until ``trainer.fit`` has set the strategy up."""
+        return list(self._blocks)
+
+    @property
+    def active_block(self) -> int | None:
+        """Index into :attr:`blocks` of the block being trained, or ``None`` before the first activation."""
+        return self._active
+
+    @property
+    def master_params(self) -> dict[str, nn.Parameter]:
+        """The active block's FP32 master weights by parameter name (FP32 weights are their own masters)."""
+        return dict(self._masters)
+
+    def activate(self, index: int) -> None:
+        """Make block ``index`` the trainable one.
+
+        The previous block's masters and optimizer state are dropped (its half weights already hold its last update),
+        FP32 masters are made from the new block's half weights, the optimizer's param groups are re-pointed at them
+        and only the new block's weights require grad. Activating the active block again does nothing.
+        """
+        if not self._ready:
+            raise RuntimeError(
+                "The BAdam strategy is not set up yet: blocks can be activated once trainer.fit() has started "
+                "(from a callback's on_fit_start or later)."
+            )
+        if not 0 <= index < len(self._blocks):
+            raise IndexError(f"Block index {index} is out of range: the model has {len(self._blocks)} blocks.")
+        if index == self._active:
+            return
+        optimizer = self._badam_optimizer()
+        if self._active is not None:
+            self._deactivate(optimizer)
+        block = self._blocks[index]
+        for name in block.param_names:
+            param = self._params[name]
+            param.grad = None
+            param.requires_grad_(True)
+            if _needs_master(param):
+                master = nn.Parameter(param.detach().to(dtype=torch.float32, copy=True))
+            else:
+                master = param
+            self._masters[name] = master
+        for group, members in zip(optimizer.param_groups, self._group_members, strict=True):
+            group["params"] = [self._masters[n] for n in members if n in self._masters]
+        if self.keep_optimizer_state:
+            for name, master in self._masters.items():
+                if name in self._stash:
+                    optimizer.state[master] = self._stash.pop(name)
+        self._active = index
+        self._update_input_hooks()
+
+    # ------------------------------------------------------------------------------------------------- internals
+    def _badam_optimizer(self) -> Optimizer:
+        return self.optimizers[0]
+
+    def _deactivate(self, optimizer: Optimizer) -> None:
+        if self.keep_optimizer_state:
+            for name, master in self._masters.items():
+                if master in optimizer.state:
+                    self._stash[name] = optimizer.state[master]
+        # a fresh state dict: leftover keys of dropped masters would keep them alive and break state_dict()
+        optimizer.state = defaultdict(dict)
+        for name in self._masters:
+            param = self._params[name]
+            param.grad = None
+            param.requires_grad_(False)
+        self._masters.clear()
+        for group in optimizer.param_groups:
+            group["params"] = []
+        self._active = None
+
+    def _badam_check_precision(self) -> None:
+        self.precision_plugin = resolve_precision_plugin(self.precision_plugin)
+
+    def _badam_setup(self, trainer: Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise MisconfigurationException(
+                "BAdam needs automatic optimization: the strategy moves gradients into the active block's FP32 masters "
+                "and re-points the optimizer at them around each step. Remove `self.automatic_optimization = False` "
+                "(and the manual optimizer.step() calls) from your LightningModule, or use another strategy."
+            )
+        if len(self.optimizers) != 1:
+            raise MisconfigurationException(
+                f"BAdam drives exactly one optimizer, but configure_optimizers returned {len(self.optimizers)}. "
+                "Return a single optimizer (use param groups for different learning rates or weight decay)."
+            )
+        optimizer = self._badam_optimizer()
+        if isinstance(optimizer, LBFGS):
+            raise MisconfigurationException(
+                "BAdam cannot drive LBFGS: it re-evaluates the loss inside step() while the active block changes "
+                "between steps. Use a first-order optimizer such as torch.optim.AdamW or SGD."
+            )
+        self._blocks = partition(
+            module,
+            block_prefixes=self.block_prefixes,
+            block_regexes=self.block_regexes,
+            include_embedding=self.include_embedding,
+            include_lm_head=self.include_lm_head,
+        )
+        self._params = dict(module.named_parameters())
+        self._original_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
+        names_by_id = {id(p): n for n, p in self._params.items()}
+        self._group_members = []
+        self._original_groups = []
+        for i, group in enumerate(optimizer.param_groups):
+            members = []
+            for p in group["params"]:
+                if id(p) not in names_by_id:
+                    raise MisconfigurationException(
+                        f"Param group {i} of {type(optimizer).__name__} holds a tensor of shape {tuple(p.shape)} that "
+                        "is not a parameter of the LightningModule. BAdam can only train the module's own parameters: "
+                        "build the optimizer from self.parameters() or self.named_parameters()."
+                    )
+                members.append(names_by_id[id(p)])
+            self._group_members.append(members)
+            self._original_groups.append(list(group["params"]))
+        in_optimizer = {n for members in self._group_members for n in members}
+        in_blocks = {n for b in self._blocks for n in b.param_names}
+        not_optimized = [n for n in in_blocks if n not in in_optimizer]
+        if not_optimized:
+            raise MisconfigurationException(
+                f"{len(not_optimized)} parameters of the BAdam blocks are not in the optimizer (e.g. "
+                f"{not_optimized[0]!r}). Pass every parameter you want to train to the optimizer, or restrict the "
+                "blocks with block_prefixes=[...]."
+            )
+        outside = [n for n, p in self._params.items() if p.requires_grad and n not in in_blocks]
+        for param in self._params.values():
+            param.requires_grad_(False)
+            param.grad = None
+        for group in optimizer.param_groups:
+            group["params"] = []
+        optimizer.state = defaultdict(dict)
+        self._ready = True
+        sizes = [sum(self._params[n].numel() for n in b.param_names) for b in self._blocks]
+        rank_zero_info(
+            f"BAdam: {len(self._blocks)} blocks of {min(sizes):,}-{max(sizes):,} parameters"
+            + (f"; {len(outside)} parameters outside every block stay frozen (e.g. {outside[0]!r})" if outside else "")
+        )
+
+    def _badam_grads_to_masters(self) -> None:
+        for name, master in self._masters.items():
+            param = self._params[name]
+            if master is param or param.grad is None:
+                continue
+            grad = param.grad
+            param.grad = None
+            if master.grad is None:
+                master.grad = grad.to(dtype=torch.float32)
+            else:
+                master.grad.add_(grad)
+
+    @torch.no_grad()
+    def _badam_masters_to_weights(self) -> None:
+        for name, master in self._masters.items():
+            param = self._params[name]
+            if master is not param:
+                param.copy_(master)
+
+    def _update_input_hooks(self) -> None:
+        for handle in self._input_hooks:
+            handle.remove()
+        self._input_hooks = []
+        if self._active is None or not self._wants_input_grad():
+            return
+        module = self.lightning_module
+        assert module is not None
+        for path in self._block_module_paths(self._blocks[self._active]):
+            sub = module.get_submodule(path)
+            self._input_hooks.append(sub.register_forward_pre_hook(_make_input_require_grad, with_kwargs=True))
+
+    def _wants_input_grad(self) -> bool:
+        if self.active_input_requires_grad is not None:
+            return self.active_input_requires_grad
+        module = self.lightning_module
+        assert module is not None
+        # Hugging Face marks layers with gradient_checkpointing=True; reentrant checkpointing of a layer whose input
+        # does not require grad returns an output without grad, so the active block would get no gradient at all
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+    def _block_module_paths(self, block: Block) -> list[str]:
+        module = self.lightning_module
+        assert module is not None
+        paths = []
+        for candidate in (p.strip() for p in block.name.split(" + ")):
+            try:
+                module.get_submodule(candidate)
+            except AttributeError:
+                continue
+            paths.append(candidate)
+        return paths
+
+    def _badam_teardown(self) -> None:
+        for handle in self._input_hooks:
+            handle.remove()
+        self._input_hooks = []
+        if not self._ready:
+            return
+        optimizer = self._badam_optimizer() if self.optimizers else None
+        if optimizer is not None:
+            optimizer.state = defaultdict(dict)
+            for group, params in zip(optimizer.param_groups, self._original_groups, strict=True):
+                group["params"] = params
+        self._masters.clear()
+        self._stash.clear()
+        for name, param in self._params.items():
+            param.requires_grad_(self._original_requires_grad.get(name, True))
+        self._active = None
+        self._ready = False
+
+    # --------------------------------------------------------------------------------------------- checkpointing
+    def _badam_state(self) -> dict[str, Any]:
+        masters = {n: m.detach().clone() for n, m in self._masters.items() if m is not self._params[n]}
+        state: dict[str, Any] = {
+            "format": _CKPT_FORMAT,
+            "block_names": [b.name for b in self._blocks],
+            "active_block": self._active,
+            "masters": masters,
+        }
+        if self.keep_optimizer_state:
+            state["stash"] = {n: dict(s) for n, s in self._stash.items()}
+        return state
+
+    def _badam_load_state(self, state: Mapping[str, Any]) -> None:
+        names = [b.name for b in self._blocks]
+        if list(state.get("block_names", [])) != names:
+            raise MisconfigurationException(
+                "The checkpoint was written with another BAdam block layout "
+                f"({len(state.get('block_names', []))} blocks, first {list(state.get('block_names', []))[:2]}) than "
+                f"this run ({len(names)} blocks, first {names[:2]}). Resume with the same block_prefixes / "
+                "include_embedding / include_lm_head, or start a new run from the checkpoint's weights only."
+            )
+        active = state.get("active_block")
+        if active is not None and active != self._active:
+            self.activate(int(active))
+        with torch.no_grad():
+            for name, tensor in state.get("masters", {}).items():
+                if name not in self._masters:
+                    raise MisconfigurationException(
+                        f"The checkpoint holds a master weight for {name!r}, which is not in the active block "
+                        f"{self._blocks[self._active].name if self._active is not None else None!r}."
+                    )
+                self._masters[name].copy_(tensor)
+        self._stash = {n: dict(s) for n, s in state.get("stash", {}).items()}
+
+
+def _make_input_require_grad(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    if not torch.is_grad_enabled():
+        return None
+    if args and isinstance(args[0], Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, Tensor) and hidden.is_floating_point() and not hidden.requires_grad:
+        return args, {**kwargs, "hidden_states": hidden.detach().requires_grad_(True)}
+    return None
+
+
+class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
+    """BAdam on one device: half-precision weights, FP32 masters and optimizer state for the active block only.
+
+    Use ``precision="bf16-true"`` (or ``"16-true"``, with loss scaling on the FP32 master gradients, or ``"32-true"``).
+    The optimizer from ``configure_optimizers`` (or LightningCLI's ``optimizer:``) is kept, with its param groups and
+    hyper-parameters; its state is reset at every block switch, as in the paper, unless ``keep_optimizer_state``.
+    Without a :class:`~lightning_memopt.BlockSwitch` callback a default one (every 100 steps, random order) is added.
+
+    Args:
+        block_prefixes: explicit blocks, one entry per block: a dotted name prefix or a list of prefixes.
+            ``None`` finds the repeated layers and makes one block per layer.
+        block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block.
+        include_embedding: with automatic blocks, also train the embeddings as a block of their own.
+        include_lm_head: with automatic blocks, also train the output head as a block of its own.
+        keep_optimizer_state: keep each block's optimizer state across switches (costs its memory for every visited
+            block; the paper resets it).
+        active_input_requires_grad: make the active block's input require grad, which reentrant gradient checkpointing
+            needs to reach the block. ``None`` turns it on when a module has ``gradient_checkpointing=True``.
+        device: the device to train on; by default the one the Trainer's accelerator picked.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_memopt import BAdamStrategy, BlockSwitch
+
+        trainer = Trainer(strategy=BAdamStrategy(), precision="bf16-true",
+                          callbacks=[BlockSwitch(every=100, order="random")])
+        trainer.fit(model)
+    """
+
+    strategy_name = "badam"
+
+    def __init__(
+        self,
+        block_prefixes: Sequence[str | Sequence[str]] | None = None,
+        block_regexes: Sequence[str] | None = None,
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        keep_optimizer_state: bool = False,
+        active_input_requires_grad: bool | None = None,
+        device: str | torch.device | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._device_given = device is not None
+        self._badam_init(
+            block_prefixes,
+            block_regexes,
+            include_embedding,
+            include_lm_head,
+            keep_optimizer_state,
+            active_input_requires_grad,
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._device_given:
+            self._root_device = _device_from_trainer(self)
+        self._badam_check_precision()
+        if isinstance(self.precision_plugin, MasterGradScalerPrecision):
+            self.precision_plugin.set_device(self.root_device)
+        _ensure_block_switch(self)
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._badam_setup(trainer)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        self._badam_grads_to_masters()
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._badam_masters_to_weights()
+        return output
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state: dict[str, Any] = dict(super().optimizer_state(optimizer))
+        if self._ready:
+            state[_CKPT_KEY] = self._badam_state()
+        return state
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        states = list(checkpoint["optimizer_states"])
+        if not states or _CKPT_KEY not in states[0]:
+            raise MisconfigurationException(
+                "This checkpoint was not written by a BAdam strategy, so the active block's masters and optimizer "
+                "state cannot be restored. To start BAdam from its weights, load them into the module "
+                "(model.load_state_dict(torch.load(path)['state_dict'])) and call trainer.fit without ckpt_path."
+            )
+        first = dict(states[0])
+        self._badam_load_state(first.pop(_CKPT_KEY))
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": [first, *states[1:]]})
+
+    @override
+    def teardown(self) -> None:
+        self._badam_teardown()
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(cls.strategy_name, cls, description="BAdam block coordinate descent, one device")
+
+
+def _trainer_of(strategy: Any) -> Trainer:
+    module = strategy.lightning_module
+    if module is None or module._trainer is None:
+        raise RuntimeError("The strategy is not attached to a Trainer yet.")
+    return module._trainer
+
+
+def _device_from_trainer(strategy: Any) -> torch.device:
+    # Lightning #18902: a SingleDeviceStrategy built without `device` would stay on CPU even when the accelerator is a
+    # GPU, so take the device the accelerator connector resolved from `devices=`.
+    trainer = _trainer_of(strategy)
+    devices = getattr(trainer._accelerator_connector, "_parallel_devices", None) or []
+    if len(devices) > 1:
+        raise MisconfigurationException(
+            f"BAdamStrategy trains on one device but the Trainer was given {len(devices)} devices. "
+            "Use strategy='badam_ddp' for several devices, or devices=1."
+        )
+    if devices:
+        device = devices[0]
+        return device if isinstance(device, torch.device) else torch.device(device)
+    return torch.device("cpu")
+
+
+def _ensure_block_switch(strategy: Any) -> None:
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from lightning_memopt.callbacks.block_switch import BlockSwitch
+
+    trainer = _trainer_of(strategy)
+    callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+    if trainer.state.fn != TrainerFn.FITTING or any(isinstance(c, BlockSwitch) for c in callbacks):
+        return
+    default = BlockSwitch()
+    # before the checkpoint callbacks, like Lightning orders its own, so checkpoints see this step's schedule state
+    position = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+    callbacks.insert(position, default)
+    rank_zero_info(
+        f"BAdam: no BlockSwitch callback was given, so the default {default!r} decides block switches. "
+        "Add lightning_memopt.BlockSwitch(...) to the Trainer's callbacks to choose the schedule."
+    )
