@@ -150,26 +150,37 @@ def find_lm_head_params(module: nn.Module, exclude: Sequence[str] = ()) -> list[
                 continue
             if path.split(".")[-1] == "lm_head" or (vocab is not None and sub.out_features == vocab):
                 heads.append(path)
-    params = dict(module.named_parameters())
+    # look parameters up by identity: a head's own parameter may be registered under another name too (BERT's
+    # decoder bias is `cls.predictions.bias`), and a weight shared with an embedding is not the head's own
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    embedding_ids = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     names: list[str] = []
     for path in dict.fromkeys(heads):
-        head_module = module.get_submodule(path)
-        for n, _ in head_module.named_parameters(recurse=True):
-            full = _join(path, n)
-            # a head tied to the embedding has no parameter of its own in named_parameters()
-            if full in params:
-                names.append(full)
-    return names
+        for p in module.get_submodule(path).parameters():
+            if id(p) in name_of and id(p) not in embedding_ids:
+                names.append(name_of[id(p)])
+    return list(dict.fromkeys(names))
+
+
+def _module_paths(names: Sequence[str]) -> list[str]:
+    paths: dict[str, None] = {}
+    for n in names:
+        parts = n.split(".")
+        for i in range(1, len(parts)):
+            paths[".".join(parts[:i])] = None
+    return list(paths)
 
 
 def _suggest(prefix: str, names: Sequence[str]) -> str:
     stripped = prefix.rstrip(".")
-    containing = sorted({n[: n.index(stripped) + len(stripped)] for n in names if ("." + stripped + ".") in ("." + n)})
+    paths = _module_paths(names)
+    containing = [p for p in paths if p.endswith("." + stripped)]
     if containing:
-        return f" Did you mean {containing[0]!r}? (prefixes are matched from the start of the parameter name)"
-    close = difflib.get_close_matches(stripped, [n.rsplit(".", 1)[0] for n in names], n=1)
+        shown = ", ".join(repr(p) for p in containing[:4])
+        return f" Did you mean {shown}? (prefixes are matched from the start of the parameter name)"
+    close = difflib.get_close_matches(stripped, paths, n=3)
     if close:
-        return f" The closest module with parameters is {close[0]!r}."
+        return f" The closest module names are {', '.join(repr(c) for c in close)}."
     return f" Parameter names start like {names[0]!r}." if names else ""
 
 
@@ -215,14 +226,29 @@ def partition(
             "The model has no trainable parameters, so there is nothing for BAdam to train. "
             "Unfreeze the parameters you want to fine-tune (requires_grad=True)."
         )
+    for arg, value in (("block_prefixes", block_prefixes), ("block_regexes", block_regexes)):
+        if isinstance(value, str):
+            raise BlockPartitionError(
+                f"{arg} takes a list with one entry per block, not a string: pass {arg}=[{value!r}]."
+            )
     blocks: list[Block] = []
     if block_prefixes is not None or block_regexes is not None:
+        if not block_prefixes and not block_regexes:
+            raise BlockPartitionError(
+                "block_prefixes/block_regexes are empty, so there would be no block to train: give at least one "
+                "block, or leave both as None for the automatic partition (one block per repeated layer)."
+            )
         for entry in block_prefixes or ():
             prefixes = [entry] if isinstance(entry, str) else list(entry)
             if not prefixes:
                 raise BlockPartitionError("An entry of block_prefixes is an empty list; give at least one prefix.")
             members: list[str] = []
             for prefix in prefixes:
+                if not prefix.rstrip("."):
+                    raise BlockPartitionError(
+                        "An empty block prefix would match every parameter. Name the module, e.g. 'model' for a "
+                        "LightningModule's self.model."
+                    )
                 hit = [n for n in names if matches_prefix(n, prefix)]
                 if not hit:
                     raise BlockPartitionError(

@@ -1,0 +1,15 @@
+"""The examples in the public docstrings run."""
+
+import doctest
+
+import pytest
+
+import lightning_memopt.blocks
+import lightning_memopt.precision
+
+
+@pytest.mark.parametrize("module", [lightning_memopt.blocks, lightning_memopt.precision])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
