@@ -219,8 +219,10 @@ def test_user_optimizer_is_kept(tmp_path, name):
     layer1 = set(trainer.strategy.blocks[1].param_names)
     assert changed <= layer1
     assert {n for n in layer1 if n.endswith("proj.weight")} <= changed
-    # after fit the user's optimizer points at the model's own parameters again
-    assert {id(p) for g in made[0].param_groups for p in g["params"]} == {id(p) for p in module.parameters()}
+    # after fit the model is trainable as before, and the optimizer still holds the last block's masters
+    assert all(p.requires_grad for p in module.parameters())
+    masters = trainer.strategy.master_params
+    assert {id(p) for g in made[0].param_groups for p in g["params"]} == {id(m) for m in masters.values()}
 
 
 class GroupedModule(LlamaModule):

@@ -64,11 +64,6 @@ class BlockSwitch(Callback):
         return f"BlockSwitch(every={self.every}, order={self.order!r}, start={self.start}, seed={self.seed})"
 
     @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(every=self.every, order=self.order)
-
-    @property
     def current_block(self) -> int | None:
         """Index of the block the schedule has chosen for the current step (``None`` before fit starts)."""
         return self._current
@@ -124,7 +119,7 @@ class BlockSwitch(Callback):
             self._current = self._first(num_blocks)
         assert self._current is not None
         strategy.activate(self._current)
-        self._announce(strategy, trainer, switched=False)
+        self._announce(strategy, trainer, verb="resumes with" if self._restored else "starts with")
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -140,16 +135,16 @@ class BlockSwitch(Callback):
         if strategy.active_block != self._current:
             strategy.activate(self._current)
         if switched:
-            self._announce(strategy, trainer, switched=True)
+            self._announce(strategy, trainer, verb="switched to")
         pl_module.log("badam/block", float(self._current), prog_bar=True, on_step=True, on_epoch=False, logger=True)
 
-    def _announce(self, strategy: Any, trainer: Trainer, switched: bool) -> None:
+    def _announce(self, strategy: Any, trainer: Trainer, verb: str) -> None:
         assert self._current is not None
         name = strategy.blocks[self._current].name
-        verb = "switched to" if switched else "starts with"
-        rank_zero_info(
-            f"BAdam {verb} block {self._current}/{len(strategy.blocks)} ({name!r}) at step {trainer.global_step}"
-        )
+        # on resume, on_fit_start runs before the loops restore global_step: the schedule knows the segment's start
+        step = trainer.global_step if verb == "switched to" else self._segment * self.every
+        where = "at step" if verb != "resumes with" else "in the segment starting at step"
+        rank_zero_info(f"BAdam {verb} block {self._current}/{len(strategy.blocks)} ({name!r}) {where} {step}")
 
     # ----------------------------------------------------------------------------------------------- state
     @override

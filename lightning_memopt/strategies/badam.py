@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -41,17 +41,13 @@ def _needs_master(param: Tensor) -> bool:
     return param.dtype not in (torch.float32, torch.float64)
 
 
-class BlockCoordinateMixin:
+class BlockCoordinateMixin(Strategy):
     """The block bookkeeping shared by the BAdam strategies: half weights, the active block's masters, re-pointing.
 
-    A strategy mixing this in calls :meth:`_badam_setup` once its optimizers exist, :meth:`_badam_grads_to_masters`
-    after every backward, :meth:`_badam_masters_to_weights` after every optimizer step and :meth:`_badam_teardown`
-    at the end. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch` calls :meth:`activate`.
+    Mix it in before a Lightning strategy (``class S(BlockCoordinateMixin, SingleDeviceStrategy)``): its hooks wrap
+    the strategy's own. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch` calls
+    :meth:`activate`. Subclasses may override :meth:`_badam_after_closure` to communicate master gradients.
     """
-
-    lightning_module: LightningModule | None
-    optimizers: list[Optimizer]
-    precision_plugin: Precision
 
     def _badam_init(
         self,
@@ -73,7 +69,6 @@ class BlockCoordinateMixin:
         self._params: dict[str, nn.Parameter] = {}
         self._masters: dict[str, nn.Parameter] = {}
         self._group_members: list[list[str]] = []
-        self._original_groups: list[list[nn.Parameter]] = []
         self._original_requires_grad: dict[str, bool] = {}
         self._stash: dict[str, dict[str, Any]] = {}
         self._input_hooks: list[RemovableHandle] = []
@@ -188,7 +183,6 @@ class BlockCoordinateMixin:
         self._original_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         names_by_id = {id(p): n for n, p in self._params.items()}
         self._group_members = []
-        self._original_groups = []
         for i, group in enumerate(optimizer.param_groups):
             members = []
             for p in group["params"]:
@@ -200,7 +194,6 @@ class BlockCoordinateMixin:
                     )
                 members.append(names_by_id[id(p)])
             self._group_members.append(members)
-            self._original_groups.append(list(group["params"]))
         in_optimizer = {n for members in self._group_members for n in members}
         in_blocks = {n for b in self._blocks for n in b.param_names}
         not_optimized = [n for n in in_blocks if n not in in_optimizer]
@@ -282,17 +275,81 @@ class BlockCoordinateMixin:
         self._input_hooks = []
         if not self._ready:
             return
-        optimizer = self._badam_optimizer() if self.optimizers else None
-        if optimizer is not None:
-            optimizer.state = defaultdict(dict)
-            for group, params in zip(optimizer.param_groups, self._original_groups, strict=True):
-                group["params"] = params
-        self._masters.clear()
-        self._stash.clear()
+        # The active block's masters and optimizer state stay (on the CPU, like the model after fit), so that
+        # `trainer.save_checkpoint(...)` after fit writes the same resumable state as a checkpoint at the last step.
+        with torch.no_grad():
+            for name, master in self._masters.items():
+                if master is not self._params[name]:
+                    master.data = master.data.cpu()
+                    if master.grad is not None:
+                        master.grad = master.grad.cpu()
         for name, param in self._params.items():
             param.requires_grad_(self._original_requires_grad.get(name, True))
-        self._active = None
-        self._ready = False
+
+    # ------------------------------------------------------------------------------------------ strategy hooks
+    @override
+    def setup_environment(self) -> None:
+        self._badam_check_precision()
+        if isinstance(self.precision_plugin, MasterGradScalerPrecision):
+            self.precision_plugin.set_device(self.root_device)
+        _ensure_block_switch(self)
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._badam_setup(trainer)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        self._badam_grads_to_masters()
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        def closure_then_hook() -> Any:
+            result = closure()
+            self._badam_after_closure()
+            return result
+
+        output = super().optimizer_step(optimizer, closure_then_hook, model, **kwargs)
+        self._badam_masters_to_weights()
+        return output
+
+    def _badam_after_closure(self) -> None:
+        """Runs after the last micro-batch's backward, before unscaling, hooks, clipping and the step."""
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state: dict[str, Any] = dict(super().optimizer_state(optimizer))
+        if self._ready:
+            state[_CKPT_KEY] = self._badam_state()
+        return state
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        states = list(checkpoint["optimizer_states"])
+        if not states or _CKPT_KEY not in states[0]:
+            raise MisconfigurationException(
+                "This checkpoint was not written by a BAdam strategy, so the active block's masters and optimizer "
+                "state cannot be restored. To start BAdam from its weights, load them into the module "
+                "(model.load_state_dict(torch.load(path)['state_dict'])) and call trainer.fit without ckpt_path."
+            )
+        first = dict(states[0])
+        self._badam_load_state(first.pop(_CKPT_KEY))
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": [first, *states[1:]]})
+
+    @override
+    def teardown(self) -> None:
+        self._badam_teardown()
+        super().teardown()
 
     # --------------------------------------------------------------------------------------------- checkpointing
     def _badam_state(self) -> dict[str, Any]:
@@ -309,12 +366,19 @@ class BlockCoordinateMixin:
 
     def _badam_load_state(self, state: Mapping[str, Any]) -> None:
         names = [b.name for b in self._blocks]
-        if list(state.get("block_names", [])) != names:
+        saved = [str(n) for n in state.get("block_names", [])]
+        if saved != names:
+            if len(saved) != len(names):
+                difference = f"the checkpoint has {len(saved)} blocks, this run {len(names)}"
+            else:
+                i = next(i for i, (a, b) in enumerate(zip(saved, names, strict=True)) if a != b)
+                difference = (
+                    f"{len(names)} blocks in both, but block {i} is {saved[i]!r} in the checkpoint and {names[i]!r} now"
+                )
             raise MisconfigurationException(
-                "The checkpoint was written with another BAdam block layout "
-                f"({len(state.get('block_names', []))} blocks, first {list(state.get('block_names', []))[:2]}) than "
-                f"this run ({len(names)} blocks, first {names[:2]}). Resume with the same block_prefixes / "
-                "include_embedding / include_lm_head, or start a new run from the checkpoint's weights only."
+                f"The checkpoint was written with another BAdam block layout ({difference}). Resume with the same "
+                "block_prefixes / block_regexes / include_embedding / include_lm_head, or start a new run from the "
+                "checkpoint's weights only."
             )
         active = state.get("active_block")
         if active is not None and active != self._active:
@@ -408,59 +472,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
     def setup_environment(self) -> None:
         if not self._device_given:
             self._root_device = _device_from_trainer(self)
-        self._badam_check_precision()
-        if isinstance(self.precision_plugin, MasterGradScalerPrecision):
-            self.precision_plugin.set_device(self.root_device)
-        _ensure_block_switch(self)
         super().setup_environment()
-
-    @override
-    def setup(self, trainer: Trainer) -> None:
-        super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._badam_setup(trainer)
-
-    @override
-    def post_backward(self, closure_loss: Tensor) -> None:
-        super().post_backward(closure_loss)
-        self._badam_grads_to_masters()
-
-    @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: LightningModule | nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self._badam_masters_to_weights()
-        return output
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        state: dict[str, Any] = dict(super().optimizer_state(optimizer))
-        if self._ready:
-            state[_CKPT_KEY] = self._badam_state()
-        return state
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        states = list(checkpoint["optimizer_states"])
-        if not states or _CKPT_KEY not in states[0]:
-            raise MisconfigurationException(
-                "This checkpoint was not written by a BAdam strategy, so the active block's masters and optimizer "
-                "state cannot be restored. To start BAdam from its weights, load them into the module "
-                "(model.load_state_dict(torch.load(path)['state_dict'])) and call trainer.fit without ckpt_path."
-            )
-        first = dict(states[0])
-        self._badam_load_state(first.pop(_CKPT_KEY))
-        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": [first, *states[1:]]})
-
-    @override
-    def teardown(self) -> None:
-        self._badam_teardown()
-        super().teardown()
 
     @classmethod
     @override

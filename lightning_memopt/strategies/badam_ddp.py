@@ -1,0 +1,148 @@
+"""BAdam on several devices and nodes: data parallel, with only the active block's gradients on the network."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_memopt.strategies.badam import BlockCoordinateMixin
+
+__all__ = ["BAdamDDPStrategy"]
+
+
+class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
+    """BAdam with data parallelism: every rank trains the same block; only its FP32 gradients are all-reduced.
+
+    PyTorch's ``DistributedDataParallel`` builds its reducer over the parameters that require grad when it wraps the
+    model, so flipping ``requires_grad`` at each block switch either desynchronises ranks or raises "parameters that
+    were not used in producing loss" (and ``find_unused_parameters=True`` would reduce the whole model). This strategy
+    therefore does not wrap the model: it broadcasts rank 0's weights once, and after the last micro-batch of each
+    optimizer step all-reduces (averages) the active block's FP32 master gradients in buckets of ``bucket_cap_mb``,
+    before unscaling, hooks, clipping and the step. Gradient accumulation communicates only once per step, and an
+    inf/NaN on one rank reaches every rank, so a ``16-true`` overflow skips the step everywhere.
+
+    Takes the block options of :class:`~lightning_memopt.BAdamStrategy` and the usual DDP options.
+
+    Args:
+        block_prefixes: explicit blocks, one entry per block (see :func:`lightning_memopt.blocks.partition`).
+        block_regexes: explicit blocks as regular expressions.
+        include_embedding: with automatic blocks, also train the embeddings as a block.
+        include_lm_head: with automatic blocks, also train the output head as a block.
+        keep_optimizer_state: keep each block's optimizer state across switches.
+        active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
+        bucket_cap_mb: size of the all-reduce buckets of master gradients, in MiB.
+        process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
+        timeout: process group timeout; a rank that dies makes the others fail after this long.
+        start_method: how Lightning launches processes (``"popen"`` re-runs the script, as torchrun does).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_memopt import BAdamDDPStrategy, BlockSwitch
+
+        trainer = Trainer(accelerator="gpu", devices=4, strategy=BAdamDDPStrategy(), precision="bf16-true",
+                          callbacks=[BlockSwitch(every=100, order="random")])
+    """
+
+    strategy_name = "badam_ddp"
+
+    def __init__(
+        self,
+        block_prefixes: Sequence[str | Sequence[str]] | None = None,
+        block_regexes: Sequence[str] | None = None,
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        keep_optimizer_state: bool = False,
+        active_input_requires_grad: bool | None = None,
+        bucket_cap_mb: float = 25.0,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0 but is: {bucket_cap_mb}")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.bucket_cap_mb = bucket_cap_mb
+        self._badam_init(
+            block_prefixes,
+            block_regexes,
+            include_embedding,
+            include_lm_head,
+            keep_optimizer_state,
+            active_input_requires_grad,
+        )
+
+    @override
+    def configure_ddp(self) -> None:
+        # no DistributedDataParallel wrapper (see the class docstring): start every rank from rank 0's weights instead
+        assert self.model is not None
+        with torch.no_grad():
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    @override
+    def _badam_after_closure(self) -> None:
+        world = dist.get_world_size()
+        if world == 1:
+            return
+        cap = int(self.bucket_cap_mb * 2**20)
+        bucket: list[Tensor] = []
+        size = 0
+        for master in self._masters.values():
+            if master.grad is None:
+                # a rank whose loss did not reach this parameter still joins the collective, with zeros
+                master.grad = torch.zeros_like(master)
+            bucket.append(master.grad)
+            size += master.grad.numel() * master.grad.element_size()
+            if size >= cap:
+                _all_reduce_mean(bucket, world)
+                bucket, size = [], 0
+        if bucket:
+            _all_reduce_mean(bucket, world)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name, cls, description="BAdam block coordinate descent, data parallel over devices"
+            )
+
+
+def _all_reduce_mean(grads: list[Tensor], world: int) -> None:
+    in_place = len(grads) == 1 and grads[0].is_contiguous()
+    flat = grads[0].view(-1) if in_place else torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world)
+    if not in_place:
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n

@@ -1,0 +1,194 @@
+"""A real multi-process BAdam run, launched by the DDP tests as `python tests/ddp_run.py --out DIR ...`.
+
+Lightning's DDP launcher re-runs this script once per extra rank (like torchrun would). Every rank writes what it
+holds at the end (weights, masters, optimizer state, the block sequence, the bytes it all-reduced per step) to
+`DIR/rank{R}.pt` for the test to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import LlamaModule, token_loader  # noqa: E402
+
+from lightning_memopt import BAdamDDPStrategy, BAdamStrategy, BlockSwitch  # noqa: E402
+
+_real_all_reduce = dist.all_reduce
+_bytes = {"now": 0, "calls": 0}
+
+
+def _counting_all_reduce(tensor, *args, **kwargs):
+    _bytes["now"] += tensor.numel() * tensor.element_size()
+    _bytes["calls"] += 1
+    return _real_all_reduce(tensor, *args, **kwargs)
+
+
+dist.all_reduce = _counting_all_reduce
+
+
+class ShardedModule(LlamaModule):
+    """Shards the data in order (no shuffling), so 2 ranks x batch b see what 1 device x batch 2b sees."""
+
+    def __init__(self, overflow_rank: int, overflow_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.overflow_rank = overflow_rank
+        self.overflow_step = overflow_step
+
+    def train_dataloader(self):
+        loader = token_loader(n=self.n, batch_size=self.batch_size, seq=8)
+        if self.trainer.world_size == 1:
+            return loader
+        sampler = DistributedSampler(
+            loader.dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == self.overflow_step and self.global_rank == self.overflow_rank:
+            loss = loss * float("inf")
+        return loss
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.blocks: list[int] = []
+        self.step_bytes: list[int] = []
+        self.step_calls: list[int] = []
+        self.batch_bytes: list[int] = []
+        self.active_bytes: list[int] = []
+        self.scales: list[float] = []
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+        self.masters: dict[str, torch.Tensor] = {}
+        self.state: dict = {}
+        self._step_start = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (batch_idx % trainer.accumulate_grad_batches) == 0:
+            self._step_start = _bytes["now"]
+            self._calls_start = _bytes["calls"]
+        self._batch_start = _bytes["now"]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        strategy = trainer.strategy
+        self.blocks.append(strategy.active_block)
+        self.active_bytes.append(sum(m.numel() * 4 for m in strategy.master_params.values()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch_bytes.append(_bytes["now"] - self._batch_start)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.step_bytes.append(_bytes["now"] - self._step_start)
+            self.step_calls.append(_bytes["calls"] - self._calls_start)
+            self.snapshots.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            self.scales.append(float(scaler.get_scale()) if scaler is not None else 1.0)
+        self.masters = {n: m.detach().clone() for n, m in trainer.strategy.master_params.items()}
+        opt = trainer.optimizers[0]
+        self.state = {
+            i: {k: v.clone() for k, v in opt.state[p].items()}
+            for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
+            if p in opt.state
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="bf16-true")
+    parser.add_argument("--order", default="random")
+    parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--overflow-rank", type=int, default=-1)
+    parser.add_argument("--overflow-step", type=int, default=-1)
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    parser.add_argument("--ckpt-in", default=None)
+    parser.add_argument("--ckpt-out", default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = ShardedModule(
+        args.overflow_rank,
+        args.overflow_step,
+        num_layers=args.layers,
+        hidden=args.hidden,
+        lr=args.lr,
+        n=args.n,
+        batch_size=args.batch_size,
+    )
+    if args.devices > 1:
+        strategy = BAdamDDPStrategy(bucket_cap_mb=args.bucket_cap_mb)
+    else:
+        strategy = BAdamStrategy()
+    record = Record()
+    callbacks: list[Callback] = [BlockSwitch(every=args.every, order=args.order, seed=7), record]
+    if args.ckpt_out:
+        # written during fit at the last step (a checkpoint saved after fit resumes on an extra batch in Lightning)
+        target = Path(args.ckpt_out)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=target.parent,
+                filename=target.stem,
+                every_n_train_steps=args.steps,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        precision=args.precision,
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        default_root_dir=out,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_out),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, ckpt_path=args.ckpt_in)
+    torch.save(
+        {
+            "world_size": trainer.world_size,
+            "weights": {n: p.detach().clone() for n, p in module.named_parameters()},
+            "blocks": record.blocks,
+            "step_bytes": record.step_bytes,
+            "step_calls": record.step_calls,
+            "batch_bytes": record.batch_bytes,
+            "active_bytes": record.active_bytes,
+            "scales": record.scales,
+            "snapshots": record.snapshots,
+            "masters": record.masters,
+            "state": record.state,
+            "block_names": [b.name for b in trainer.strategy.blocks],
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+    if trainer.global_rank == 0:
+        (out / "pid.txt").write_text(str(os.getpid()))
+
+
+if __name__ == "__main__":
+    main()
