@@ -19,9 +19,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import LlamaModule, token_loader  # noqa: E402
+from models import LlamaModule, token_loader
 
-from lightning_memopt import BAdamDDPStrategy, BAdamStrategy, BlockSwitch  # noqa: E402
+from lightning_memopt import BAdamDDPStrategy, BAdamStrategy, BlockSwitch
 
 _real_all_reduce = dist.all_reduce
 _bytes = {"now": 0, "calls": 0}

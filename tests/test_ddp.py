@@ -60,6 +60,7 @@ def test_small_buckets_split_the_reduction(tmp_path):
 def test_two_ranks_equal_one_device_with_twice_the_batch(tmp_path):
     common = ["--precision", "32-true", "--order", "ascending", "--every", "2", "--steps", "5", "--lr", "1e-3"]
     r0, r1 = launch(tmp_path / "ddp", *common, "--batch-size", "2")
+    assert_same(r0["weights"], r1["weights"])
     (single,) = launch(tmp_path / "single", *common, "--devices", "1", "--batch-size", "4")
     assert r0["blocks"] == single["blocks"] == [0, 0, 1, 1, 2]
     moved = 0
