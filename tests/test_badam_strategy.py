@@ -441,3 +441,28 @@ def test_strategy_surface_and_registry():
     assert strategy.blocks == [] and strategy.active_block is None
     with pytest.raises(RuntimeError, match="not set up"):
         strategy.activate(0)
+
+
+def test_activation_hooks_see_every_activation(tmp_path):
+    seen: list[tuple[int, int]] = []
+
+    class Listener(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.handle = trainer.strategy.register_activation_hook(
+                lambda strategy, index: seen.append((index, len(strategy.master_params)))
+            )
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.handle.remove()
+
+    trainer = L.Trainer(
+        strategy="badam",
+        precision="bf16-true",
+        max_steps=5,
+        callbacks=[Listener(), BlockSwitch(every=1, order="ascending")],
+        **trainer_kwargs(tmp_path),
+    )
+    trainer.fit(LlamaModule(num_layers=2))
+    # activations at steps 0..3 are seen (the hook is removed after step 3, before the switch at step 4)
+    assert seen == [(0, 9), (1, 9), (0, 9), (1, 9)]

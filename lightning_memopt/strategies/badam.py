@@ -9,7 +9,7 @@ are re-pointed at the active block's masters, so LR schedulers, ``LearningRateMo
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,6 +74,7 @@ class BlockCoordinateMixin(Strategy):
         self._input_hooks: list[RemovableHandle] = []
         self._pending_ckpt: dict[str, Any] | None = None
         self._ready = False
+        self._activation_hooks: OrderedDict[int, Callable[[Any, int], None]] = OrderedDict()
 
     # ----------------------------------------------------------------------------------------------- public surface
     @property
@@ -128,6 +129,21 @@ class BlockCoordinateMixin(Strategy):
                     optimizer.state[master] = self._stash.pop(name)
         self._active = index
         self._update_input_hooks()
+        for hook in list(self._activation_hooks.values()):
+            hook(self, index)
+
+    def register_activation_hook(self, hook: Callable[[Any, int], None]) -> RemovableHandle:
+        """Call ``hook(strategy, index)`` after every block activation (the new masters exist and the optimizer's param
+        groups point at them). Add-ons whose settings are keyed by parameter identity re-apply them here.
+
+        Example::
+
+            handle = trainer.strategy.register_activation_hook(lambda strategy, i: print("now training", i))
+            handle.remove()
+        """
+        handle = RemovableHandle(self._activation_hooks)
+        self._activation_hooks[handle.id] = hook
+        return handle
 
     # ------------------------------------------------------------------------------------------------- internals
     def _badam_optimizer(self) -> Optimizer:
