@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -57,7 +57,12 @@ class BlockCoordinateMixin(Strategy):
         include_lm_head: bool,
         keep_optimizer_state: bool,
         active_input_requires_grad: bool | None,
+        max_nonfinite_steps: int,
     ) -> None:
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 1 but is: {max_nonfinite_steps!r}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_in_a_row = 0
         self.block_prefixes = block_prefixes
         self.block_regexes = block_regexes
         self.include_embedding = include_embedding
@@ -247,10 +252,18 @@ class BlockCoordinateMixin(Strategy):
 
     @torch.no_grad()
     def _badam_masters_to_weights(self) -> None:
-        for name, master in self._masters.items():
-            param = self._params[name]
-            if master is not param:
-                param.copy_(master)
+        pairs = [(self._params[n], m) for n, m in self._masters.items() if m is not self._params[n]]
+        if not pairs:
+            return
+        if not bool(torch.stack([m.isfinite().all() for _, m in pairs]).all()):
+            # never let a NaN reach the half weights: they still hold the last finite update
+            raise RuntimeError(
+                "BAdam: the optimizer produced inf/NaN master weights from finite gradients, so the half-precision "
+                "weights were not updated. Lower the learning rate or check the optimizer's settings (eps, weight "
+                "decay), then resume from the last checkpoint."
+            )
+        for param, master in pairs:
+            param.copy_(master)
 
     def _update_input_hooks(self) -> None:
         for handle in self._input_hooks:
@@ -333,11 +346,37 @@ class BlockCoordinateMixin(Strategy):
         def closure_then_hook() -> Any:
             result = closure()
             self._badam_after_closure()
+            if not isinstance(self.precision_plugin, MasterGradScalerPrecision):
+                # the fp16 loss scaler skips non-finite steps itself (and lowers its scale)
+                self._badam_skip_nonfinite()
             return result
 
         output = super().optimizer_step(optimizer, closure_then_hook, model, **kwargs)
         self._badam_masters_to_weights()
         return output
+
+    def _badam_skip_nonfinite(self) -> None:
+        grads = [m.grad for m in self._masters.values() if m.grad is not None]
+        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self._nonfinite_in_a_row = 0
+            return
+        # optimizers skip parameters without a gradient: this step changes no weight, master or optimizer state
+        for master in self._masters.values():
+            master.grad = None
+        self._nonfinite_in_a_row += 1
+        module = self.lightning_module
+        step = module.trainer.global_step if module is not None and module._trainer is not None else "?"
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"BAdam: the gradients were inf/NaN {self._nonfinite_in_a_row} optimizer steps in a row (last at step "
+                f"{step}); every one was skipped, so the weights hold the last finite update. Look for a NaN loss "
+                "(bad data, a too-high learning rate, log of zero) and resume from the last checkpoint; raise "
+                "BAdamStrategy(max_nonfinite_steps=...) to tolerate longer streaks."
+            )
+        rank_zero_warn(
+            f"BAdam: inf/NaN gradients at step {step}; the optimizer step was skipped "
+            f"({self._nonfinite_in_a_row} in a row, the run stops at {self.max_nonfinite_steps})."
+        )
 
     def _badam_after_closure(self) -> None:
         """Runs after the last micro-batch's backward, before unscaling, hooks, clipping and the step."""
@@ -441,6 +480,9 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             block; the paper resets it).
         active_input_requires_grad: make the active block's input require grad, which reentrant gradient checkpointing
             needs to reach the block. ``None`` turns it on when a module has ``gradient_checkpointing=True``.
+        max_nonfinite_steps: with ``bf16-true``/``32-true``, a step whose gradients hold inf/NaN is skipped with a
+            warning; this many in a row stop the run with an error. (``16-true``'s loss scaler skips such steps and
+            lowers its scale instead.)
         device: the device to train on; by default the one the Trainer's accelerator picked.
 
     Example::
@@ -463,6 +505,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         include_lm_head: bool = False,
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
+        max_nonfinite_steps: int = 5,
         device: str | torch.device | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -482,6 +525,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             include_lm_head,
             keep_optimizer_state,
             active_input_requires_grad,
+            max_nonfinite_steps,
         )
 
     @override

@@ -42,6 +42,8 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         include_lm_head: with automatic blocks, also train the output head as a block.
         keep_optimizer_state: keep each block's optimizer state across switches.
         active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
+        max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`; the decision is the same on every rank,
+            since the gradients are checked after the all-reduce.
         bucket_cap_mb: size of the all-reduce buckets of master gradients, in MiB.
         process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
         timeout: process group timeout; a rank that dies makes the others fail after this long.
@@ -66,6 +68,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         include_lm_head: bool = False,
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
+        max_nonfinite_steps: int = 5,
         bucket_cap_mb: float = 25.0,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -96,6 +99,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             include_lm_head,
             keep_optimizer_state,
             active_input_requires_grad,
+            max_nonfinite_steps,
         )
 
     @override
