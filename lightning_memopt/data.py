@@ -1,19 +1,22 @@
-"""Byte-level language-modelling data: plain text, Markdown, source code and JSONL files as one token stream.
+"""Language-modelling data: plain text, Markdown, source code and JSONL files as one token stream.
 
-Tokens are raw UTF-8 bytes (vocabulary of 256), so no tokenizer has to be downloaded and any tiny model built from a
-config can train on the result. Documents are concatenated with :data:`EOS_BYTE` between them and the stream is cut
-into non-overlapping windows of ``seq_len + 1`` bytes; each window gives ``input_ids`` (its first ``seq_len`` bytes)
-and ``targets`` (its last ``seq_len`` bytes, i.e. the next token at every position).
+By default tokens are raw UTF-8 bytes (vocabulary of 256), so no tokenizer has to be downloaded and a tiny model built
+from a config can train on the result; a pretrained model needs its own tokenizer instead (``tokenizer=``). Documents
+are concatenated with an end-of-document token between them and the stream is cut into non-overlapping windows of
+``seq_len + 1`` tokens; each window gives ``input_ids`` (its first ``seq_len`` tokens) and ``targets`` (its last
+``seq_len`` tokens, i.e. the next token at every position).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -21,10 +24,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-__all__ = ["EOS_BYTE", "TEXT_SUFFIXES", "VOCAB_SIZE", "ByteWindows", "TextDataModule", "find_text_files", "read_corpus"]
+__all__ = [
+    "EOS_BYTE",
+    "TEXT_SUFFIXES",
+    "VOCAB_SIZE",
+    "TextDataModule",
+    "TokenWindows",
+    "default_corpus_paths",
+    "find_text_files",
+    "iter_documents",
+    "read_corpus",
+    "tokenize_corpus",
+]
 
 VOCAB_SIZE = 256
-"""Number of distinct tokens: one per byte value."""
+"""Number of distinct byte-level tokens: one per byte value."""
 
 EOS_BYTE = 0
 """Byte placed between documents; NUL does not occur in text, so the model can learn where documents end."""
@@ -113,7 +127,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[bytes]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON ({err.msg}). Each line must be one object.") from err
+                raise ValueError(
+                    f"{path}:{number} is not valid JSON ({err.msg}). Each line must be one object."
+                ) from err
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(
@@ -126,11 +142,35 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[bytes]:
             yield text.encode("utf-8")
 
 
-def read_corpus(files: Sequence[Path], text_field: str = "text", max_bytes: int | None = None) -> Tensor:
-    """Read ``files`` in order into one ``uint8`` tensor, documents separated by :data:`EOS_BYTE`.
+def iter_documents(files: Sequence[Path], text_field: str = "text", max_bytes: int | None = None) -> Iterator[bytes]:
+    """The documents of ``files`` in order, as UTF-8 bytes: a plain file is one document, a JSONL line another.
 
-    Plain files are one document each, JSONL files one document per line (its ``text_field``). Reading stops once
-    ``max_bytes`` bytes are collected, so a huge corpus costs only what is kept.
+    Reading stops once ``max_bytes`` bytes are collected, counting one byte per document boundary (the separator of
+    the byte-level stream), and the last document is cut there; a huge corpus costs only what is kept.
+    """
+    size = 0
+    first = True
+    for path in files:
+        if path.suffix == ".jsonl":
+            documents: Iterator[bytes] = _jsonl_documents(path, text_field)
+        else:
+            with path.open("rb") as handle:
+                documents = iter([handle.read(-1 if max_bytes is None else max(max_bytes - size, 0))])
+        for document in documents:
+            size += 0 if first else 1
+            first = False
+            if max_bytes is not None:
+                document = document[: max(max_bytes - size, 0)]
+            size += len(document)
+            yield document
+            if max_bytes is not None and size >= max_bytes:
+                return
+
+
+def read_corpus(files: Sequence[Path], text_field: str = "text", max_bytes: int | None = None) -> Tensor:
+    """Read ``files`` into one byte-level ``uint8`` token stream, documents separated by :data:`EOS_BYTE`.
+
+    ``max_bytes`` caps the length of the stream (see :func:`iter_documents`).
 
     Example::
 
@@ -138,37 +178,56 @@ def read_corpus(files: Sequence[Path], text_field: str = "text", max_bytes: int 
         >>> corpus.dtype, corpus.numel()
         (torch.uint8, 1000)
     """
-    budget = max_bytes if max_bytes is not None else -1
-    chunks: list[bytes] = []
-    size = 0
-    for path in files:
-        if path.suffix == ".jsonl":
-            documents: Iterator[bytes] = _jsonl_documents(path, text_field)
-        else:
-            with path.open("rb") as handle:
-                documents = iter([handle.read(budget - size if budget >= 0 else -1)])
-        for document in documents:
-            if chunks:
-                chunks.append(bytes([EOS_BYTE]))
-                size += 1
-            chunks.append(document)
-            size += len(document)
-            if 0 <= budget <= size:
-                return torch.frombuffer(bytearray(b"".join(chunks)[:budget]), dtype=torch.uint8)
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    stream = bytes([EOS_BYTE]).join(iter_documents(files, text_field, max_bytes))
+    return torch.frombuffer(bytearray(stream), dtype=torch.uint8) if stream else torch.empty(0, dtype=torch.uint8)
 
 
-class ByteWindows(Dataset[dict[str, Tensor]]):
-    """Fixed windows of a byte stream as next-token samples.
-
-    Args:
-        corpus: ``uint8`` token stream.
-        starts: offset of each window in ``corpus``.
-        seq_len: tokens per sample; each window spans ``seq_len + 1`` bytes.
+def tokenize_corpus(documents: Iterable[bytes], tokenizer: Any) -> Tensor:
+    """Token ids of ``documents`` from a Hugging Face tokenizer, joined by its end-of-sequence token, as ``int32``.
 
     Example::
 
-        >>> data = ByteWindows(torch.arange(10, dtype=torch.uint8), torch.tensor([0, 5]), seq_len=4)
+        >>> from transformers import AutoTokenizer
+        >>> tokenizer = AutoTokenizer.from_pretrained("/path/to/model")  # doctest: +SKIP
+        >>> ids = tokenize_corpus([b"Hello", b"world"], tokenizer)  # doctest: +SKIP
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has no end-of-sequence token to separate documents. Set"
+            " `eos_token` in its tokenizer_config.json."
+        )
+    pieces: list[Tensor] = []
+    separator = torch.tensor([eos], dtype=torch.int32)
+    for chunk in _chunks(documents, 1024):
+        texts = [document.decode("utf-8", errors="replace") for document in chunk]
+        # Whole documents are longer than the model's context; `verbose=False` silences the warning, as the stream
+        # is cut into windows afterwards.
+        for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+            if pieces:
+                pieces.append(separator)
+            pieces.append(torch.tensor(ids, dtype=torch.int32))
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
+
+
+def _chunks(items: Iterable[bytes], size: int) -> Iterator[tuple[bytes, ...]]:
+    # `itertools.batched` needs Python 3.12.
+    iterator = iter(items)
+    while chunk := tuple(itertools.islice(iterator, size)):
+        yield chunk
+
+
+class TokenWindows(Dataset[dict[str, Tensor]]):
+    """Fixed windows of a token stream as next-token samples.
+
+    Args:
+        corpus: 1-D integer token stream.
+        starts: offset of each window in ``corpus``.
+        seq_len: tokens per sample; each window spans ``seq_len + 1`` tokens.
+
+    Example::
+
+        >>> data = TokenWindows(torch.arange(10, dtype=torch.uint8), torch.tensor([0, 5]), seq_len=4)
         >>> data[1]["input_ids"].tolist(), data[1]["targets"].tolist()
         ([5, 6, 7, 8], [6, 7, 8, 9])
     """
@@ -189,22 +248,25 @@ class ByteWindows(Dataset[dict[str, Tensor]]):
 
 
 class TextDataModule(LightningDataModule):
-    """Byte-level next-token data from local text, Markdown, source and JSONL files.
+    """Next-token data from local text, Markdown, source and JSONL files, byte-level or with a model's tokenizer.
 
-    Every byte is a token (``VOCAB_SIZE = 256``), so a model built from a config with ``vocab_size=256`` trains on it
-    without a tokenizer. The files are read in a fixed order, cut into non-overlapping windows of ``seq_len + 1``
-    bytes, and a seeded random subset of the windows becomes the validation set, the same on every run and rank.
-    Batches are dicts of ``input_ids`` and ``targets`` (already shifted: ``targets[:, t]`` follows
-    ``input_ids[:, t]``), both ``(batch_size, seq_len)`` int64 tensors.
+    By default every byte is a token (``VOCAB_SIZE = 256``), so a model built from a config with ``vocab_size=256``
+    trains on it without a tokenizer. A pretrained model needs its own tokenizer: pass its directory as
+    ``tokenizer``. The files are read in a fixed order, cut into non-overlapping windows of ``seq_len + 1`` tokens,
+    and a seeded random subset of the windows becomes the validation set, the same on every run and rank. Batches
+    are dicts of ``input_ids`` and ``targets`` (already shifted: ``targets[:, t]`` follows ``input_ids[:, t]``),
+    both ``(batch_size, seq_len)`` int64 tensors.
 
     Args:
         paths: files, directories (searched recursively) or glob patterns of ``.txt``, ``.md``, ``.py``, ``.rst`` or
             ``.jsonl`` files. ``None`` uses the Python standard library's sources, which exist on every machine.
         text_field: key that holds the text in each JSONL record.
+        tokenizer: local directory (or cached hub name) of a Hugging Face tokenizer, usually the model's own
+            directory; nothing is downloaded. ``None`` uses bytes as tokens.
         seq_len: tokens per sample.
         batch_size: samples per batch, per device.
         val_fraction: share of the windows held out for validation, in ``[0, 1)``; ``0`` disables validation.
-        max_bytes: stop reading after this many bytes; ``None`` reads everything.
+        max_bytes: stop reading after this many bytes of text; ``None`` reads everything.
         num_workers: data-loader worker processes.
         seed: seed of the train/validation split. The order of training batches follows the global seed (the
             ``seed_everything`` of the CLI).
@@ -222,6 +284,7 @@ class TextDataModule(LightningDataModule):
         self,
         paths: list[str] | None = None,
         text_field: str = "text",
+        tokenizer: str | None = None,
         seq_len: int = 128,
         batch_size: int = 8,
         val_fraction: float = 0.02,
@@ -241,50 +304,80 @@ class TextDataModule(LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers should be >= 0 but is: {num_workers}")
         if paths is not None and not paths:
-            raise ValueError("paths is empty. Pass at least one file, directory or glob, or None for the default corpus.")
+            raise ValueError(
+                "paths is empty. Pass at least one file, directory or glob, or None for the default corpus."
+            )
         self.save_hyperparameters()
         self.paths = list(paths) if paths is not None else default_corpus_paths()
         self.text_field = text_field
+        self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.max_bytes = max_bytes
         self.num_workers = num_workers
         self.seed = seed
-        self.train_set: ByteWindows | None = None
-        self.val_set: ByteWindows | None = None
+        self.train_set: TokenWindows | None = None
+        self.val_set: TokenWindows | None = None
+        self._tokenizer: Any = None
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is not None:
+            return self._tokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as err:
+            raise ImportError(
+                "`tokenizer` needs Hugging Face transformers: `pip install 'lightning-memopt[recipes]'`."
+            ) from err
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                os.path.expanduser(str(self.tokenizer)), local_files_only=True
+            )
+        except OSError as err:
+            raise OSError(
+                f"Could not load a tokenizer from tokenizer={self.tokenizer!r}: point it at a local model directory"
+                f" (with tokenizer.json or tokenizer.model), or leave it unset for byte-level tokens. ({err})"
+            ) from err
+        return self._tokenizer
 
     @property
     def vocab_size(self) -> int:
         """Number of distinct tokens, for sizing a model's embedding."""
-        return VOCAB_SIZE
+        return VOCAB_SIZE if self.tokenizer is None else len(self._load_tokenizer())
 
     @override
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        corpus = read_corpus(find_text_files(self.paths), self.text_field, self.max_bytes)
+        files = find_text_files(self.paths)
+        if self.tokenizer is None:
+            corpus, unit = read_corpus(files, self.text_field, self.max_bytes), "bytes"
+        else:
+            documents = iter_documents(files, self.text_field, self.max_bytes)
+            corpus, unit = tokenize_corpus(documents, self._load_tokenizer()), "tokens"
         window = self.seq_len + 1
         num_windows = corpus.numel() // window
         if num_windows == 0:
+            capped = self.max_bytes is not None and sum(f.stat().st_size for f in files) > self.max_bytes
             raise ValueError(
-                f"The corpus from paths={self.paths} has {corpus.numel()} bytes, fewer than one sample of"
-                f" seq_len + 1 = {window} bytes. Add text to `paths`, lower `seq_len`"
-                + (" or raise `max_bytes`." if self.max_bytes is not None and corpus.numel() >= self.max_bytes else ".")
+                f"The corpus from paths={self.paths} has {corpus.numel()} {unit}, fewer than one sample of"
+                f" seq_len + 1 = {window} {unit}. Add text to `paths`, lower `seq_len`"
+                + (" or raise `max_bytes`." if capped else ".")
             )
         num_val = max(1, round(num_windows * self.val_fraction)) if self.val_fraction > 0 else 0
         if num_val >= num_windows:
             raise ValueError(
-                f"The corpus gives {num_windows} sample(s) of {window} bytes, too few to hold out {num_val} for"
+                f"The corpus gives {num_windows} sample(s) of {window} {unit}, too few to hold out {num_val} for"
                 " validation and still train. Add text to `paths`, lower `seq_len`, or set `val_fraction: 0`."
             )
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(num_windows, generator=generator)
         starts = torch.arange(num_windows) * window
-        self.val_set = ByteWindows(corpus, starts[order[:num_val].sort().values], self.seq_len)
-        self.train_set = ByteWindows(corpus, starts[order[num_val:].sort().values], self.seq_len)
+        self.val_set = TokenWindows(corpus, starts[order[:num_val].sort().values], self.seq_len)
+        self.train_set = TokenWindows(corpus, starts[order[num_val:].sort().values], self.seq_len)
 
-    def _loader(self, dataset: ByteWindows | None, shuffle: bool) -> DataLoader[dict[str, Tensor]]:
+    def _loader(self, dataset: TokenWindows | None, shuffle: bool) -> DataLoader[dict[str, Tensor]]:
         if dataset is None:
             raise RuntimeError("Call `setup()` before asking for a data loader (the Trainer does this for you).")
         return DataLoader(

@@ -6,16 +6,23 @@ this package must work with it unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = ["IGNORE_INDEX", "TINY_LLAMA", "CausalLM", "TokenPerplexity", "next_token_loss"]
+
+_TRANSFORMERS_DTYPE_KWARG = RequirementCache("transformers>=4.56")
 
 IGNORE_INDEX = -100
 """Target value that is left out of the loss (Hugging Face's convention for padding and prompt tokens)."""
@@ -26,10 +33,12 @@ TINY_LLAMA: dict[str, Any] = {
     "intermediate_size": 352,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
-    "num_key_value_heads": 4,
     "max_position_embeddings": 512,
 }
-"""Default ``LlamaConfig`` arguments: a byte-level model of about 0.9 M parameters that trains in minutes on a CPU."""
+"""Default ``LlamaConfig`` arguments: a byte-level model of about 0.9 M parameters that trains in minutes on a CPU.
+
+``num_key_value_heads`` is left to ``LlamaConfig``, which makes it equal to ``num_attention_heads`` (no grouped-query
+attention), so changing the number of heads alone gives a valid model."""
 
 
 def next_token_loss(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -105,7 +114,8 @@ class CausalLM(LightningModule):
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of storing
             them.
         gradient_checkpointing_reentrant: use ``torch.utils.checkpoint``'s reentrant variant, which only passes
-            gradients to a layer whose input requires grad.
+            gradients to a layer whose input requires grad. (transformers 5 makes the embedding output require grad
+            whenever checkpointing is on; a strategy that freezes layers can narrow that.)
 
     Example::
 
@@ -147,16 +157,33 @@ class CausalLM(LightningModule):
     @staticmethod
     def _build(
         model_path: str | None, config: dict[str, Any] | None, local_files_only: bool, dtype: str
-    ) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    ) -> PreTrainedModel:
+        try:
+            from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        except ImportError as err:
+            raise ImportError(
+                "CausalLM wraps Hugging Face models: install them with `pip install 'lightning-memopt[recipes]'`."
+            ) from err
 
         if model_path is None:
             return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **(config or {})}))
+        # transformers 4.56 renamed `torch_dtype` to `dtype`.
+        dtype_key = "dtype" if _TRANSFORMERS_DTYPE_KWARG else "torch_dtype"
+        model_path = os.path.expanduser(model_path)
         try:
-            return AutoModelForCausalLM.from_pretrained(model_path, local_files_only=local_files_only, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(
+                model_path, local_files_only=local_files_only, **{dtype_key: dtype}
+            )
         except OSError as err:
-            hint = " It is not in the local cache; pass `local_files_only: false` to download it." * local_files_only
-            raise OSError(f"Could not load a model from model_path={model_path!r}.{hint}") from err
+            if os.path.isdir(model_path):
+                hint = "The directory exists but does not hold a loadable model (a config.json and weights)."
+            elif model_path.startswith(("/", ".")):
+                hint = "No such directory: point `model_path` at a local model directory (with a config.json)."
+            elif local_files_only:
+                hint = "It is not in the local Hugging Face cache; pass `local_files_only: false` to download it."
+            else:
+                hint = "Check the name on the Hugging Face Hub and your access to it."
+            raise OSError(f"Could not load a model from model_path={model_path!r}. {hint} ({err})") from err
 
     def _enable_checkpointing(self, reentrant: bool) -> None:
         kwargs = {"use_reentrant": reentrant}
@@ -174,9 +201,18 @@ class CausalLM(LightningModule):
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return next_token_loss(self(batch["input_ids"], batch.get("attention_mask")), batch)
 
+    @staticmethod
+    def _in_float32(*metrics: MeanMetric) -> None:
+        # `bf16-true`/`16-true` cast the whole LightningModule with `.to(dtype)`, metric states included, and run the
+        # step under a half-precision default dtype, in which Lightning's logging resets a metric's `dtype` (the one
+        # it casts inputs to). bf16 keeps 8 significant bits: a running sum over batches would drop most of each one.
+        for metric in metrics:
+            metric.set_dtype(torch.float32)
+
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, tokens = self._loss(batch)
+        self._in_float32(self.train_loss, self.train_ppl)
         self.train_loss(loss.detach(), tokens)
         self.train_ppl(loss.detach(), tokens)
         self.log("train_loss", self.train_loss, prog_bar=True)
@@ -186,24 +222,11 @@ class CausalLM(LightningModule):
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, tokens = self._loss(batch)
+        self._in_float32(self.val_loss, self.val_ppl)
         self.val_loss.update(loss, tokens)
         self.val_ppl.update(loss, tokens)
         self.log("val_loss", self.val_loss, prog_bar=True)
         self.log("val_ppl", self.val_ppl)
-
-    def _metrics_in_float32(self) -> None:
-        # `bf16-true`/`16-true` cast the whole LightningModule with `.to(dtype)`, metric states included; a
-        # half-precision running sum of token counts stops growing after a few hundred tokens.
-        for metric in (self.train_loss, self.train_ppl, self.val_loss, self.val_ppl):
-            metric.set_dtype(torch.float32)
-
-    @override
-    def on_train_start(self) -> None:
-        self._metrics_in_float32()
-
-    @override
-    def on_validation_start(self) -> None:
-        self._metrics_in_float32()
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

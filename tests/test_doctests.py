@@ -5,10 +5,12 @@ import doctest
 import pytest
 
 import lightning_memopt.blocks
+import lightning_memopt.data
+import lightning_memopt.lm
 import lightning_memopt.precision
 
 
-@pytest.mark.parametrize("module", [lightning_memopt.blocks, lightning_memopt.precision])
+@pytest.mark.parametrize("module", [lightning_memopt.blocks, lightning_memopt.data, lightning_memopt.lm, lightning_memopt.precision])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

@@ -1,0 +1,81 @@
+"""The ``lightning-memopt`` command: Lightning's CLI with this package's strategies registered.
+
+Run a recipe with ``lightning-memopt fit --config recipes/quickstart.yaml`` (or ``python -m lightning_memopt``);
+any key can be overridden on the command line, e.g. ``--trainer.max_steps 100``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeUnion
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from typing_extensions import override
+
+# Lightning 2.6 does not discover third-party strategies: importing the package registers `badam` and friends, so
+# `trainer.strategy: badam` resolves in a recipe.
+import lightning_memopt  # noqa: F401
+
+__all__ = ["MemoptCLI", "main"]
+
+_DESCRIPTION = "Memory-efficient full-parameter fine-tuning with PyTorch Lightning (BAdam and friends)."
+
+
+class MemoptCLI(LightningCLI):
+    """``LightningCLI`` for fine-tuning recipes.
+
+    Differences from ``LightningCLI``:
+
+    - Any ``LightningModule`` and ``LightningDataModule`` can be named with ``class_path`` (subclass mode), so the
+      CLI runs users' own modules unchanged.
+    - Learning-rate schedulers from the ``lr_scheduler:`` section step after every optimizer step, not every epoch:
+      fine-tuning recipes count warmup and cosine decay in steps and often run less than one epoch.
+      ``ReduceLROnPlateau`` still steps per epoch, on its ``monitor``.
+    - The seed defaults to 0, and re-running into the same directory overwrites the saved ``config.yaml``.
+
+    Example::
+
+        >>> cli = MemoptCLI(args=["fit", "--config", "recipes/quickstart.yaml"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_class: type[LightningModule] | None = None,
+        datamodule_class: type[LightningDataModule] | None = None,
+        *,
+        save_config_kwargs: dict[str, Any] | None = None,
+        seed_everything_default: bool | int = 0,
+        parser_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            model_class,
+            datamodule_class,
+            save_config_kwargs={"overwrite": True} if save_config_kwargs is None else save_config_kwargs,
+            seed_everything_default=seed_everything_default,
+            parser_kwargs={"prog": "lightning-memopt", "description": _DESCRIPTION, **(parser_kwargs or {})},
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            **kwargs,
+        )
+
+    @staticmethod
+    @override
+    def configure_optimizers(
+        lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None
+    ) -> Any:
+        if lr_scheduler is None or isinstance(lr_scheduler, ReduceLROnPlateau):
+            return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``lightning-memopt`` and ``python -m lightning_memopt``.
+
+    Example::
+
+        >>> main(["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_steps", "10"])  # doctest: +SKIP
+    """
+    MemoptCLI(args=args)

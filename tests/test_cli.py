@@ -1,0 +1,76 @@
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.cli import ReduceLROnPlateau
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_memopt.cli import MemoptCLI
+
+ROOT = Path(__file__).parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def _small_run(root: Path, steps: int) -> list[str]:
+    return [
+        "--config", str(QUICKSTART),
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", str(steps),
+        "--lr_scheduler.T_max", str(steps),
+        "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--data.max_bytes", "100000",
+    ]  # fmt: skip
+
+
+def test_schedulers_step_per_optimizer_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    cli = MemoptCLI(args=_small_run(tmp_path, steps=4), run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert config.interval == "step"
+    lr_max, lr_min = 0.002, 0.0001  # the recipe's AdamW lr and cosine eta_min
+    # 4 scheduler steps of a cosine over 4 steps end at its minimum; per-epoch stepping would still be at lr_max.
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr_min)
+    assert config.scheduler.get_last_lr()[0] == pytest.approx(lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi)) / 2)
+
+
+def test_plateau_schedulers_keep_stepping_per_epoch_on_their_monitor() -> None:
+    model = BoringModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = ReduceLROnPlateau(optimizer, monitor="val_loss")
+    assert MemoptCLI.configure_optimizers(model, optimizer, plateau) == {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"},
+    }
+    assert MemoptCLI.configure_optimizers(model, optimizer) is optimizer
+
+
+def test_python_m_runs_the_quickstart(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_memopt", "fit", *_small_run(tmp_path, steps=4)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    assert (log_dir / "config.yaml").is_file()
+    assert [p.name for p in (log_dir / "checkpoints").iterdir()] == ["epoch=0-step=4.ckpt"]
+    with open(log_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len([r for r in rows if r["train_loss"]]) == 4
+    assert len([r for r in rows if r["val_loss"]]) == 2
+    lrs = [float(r["lr-AdamW"]) for r in rows if r["lr-AdamW"]]
+    assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
