@@ -466,3 +466,31 @@ def test_activation_hooks_see_every_activation(tmp_path):
     trainer.fit(LlamaModule(num_layers=2))
     # the activations for steps 0, 1 and 2 are seen; the hook is removed once 3 steps are done, before step 3's
     assert seen == [(0, 9), (1, 9), (0, 9)]
+
+
+def test_backward_stops_at_the_active_block_under_hf_checkpointing(tmp_path):
+    """transformers' checkpointing makes embeddings' output require grad; BAdam swaps that for its own input hook."""
+    module = LlamaModule(num_layers=3)
+    hf = module.model
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert hf._require_grads_hooks  # installed by transformers
+    below_requires_grad: list[bool] = []
+    hf.model.layers[0].register_forward_hook(lambda m, i, out: below_requires_grad.append(out.requires_grad))
+    hooks_during_fit: list[int] = []
+
+    class Rec(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            hooks_during_fit.append(len(hf._require_grads_hooks))
+            assert all(m.grad is not None for m in trainer.strategy.master_params.values())
+
+    trainer = L.Trainer(
+        strategy="badam",
+        precision="bf16-true",
+        max_steps=2,
+        callbacks=[BlockSwitch(order="fixed", start=2), Rec()],
+        **trainer_kwargs(tmp_path),
+    )
+    trainer.fit(module)
+    assert below_requires_grad and not any(below_requires_grad)  # nothing below the active layer joins backward
+    assert hooks_during_fit == [0, 0]
+    assert hf._require_grads_hooks  # given back after fit

@@ -77,6 +77,7 @@ class BlockCoordinateMixin(Strategy):
         self._original_requires_grad: dict[str, bool] = {}
         self._stash: dict[str, dict[str, Any]] = {}
         self._input_hooks: list[RemovableHandle] = []
+        self._disabled_input_grad_hooks: list[nn.Module] = []
         self._pending_ckpt: dict[str, Any] | None = None
         self._ready = False
         self._activation_hooks: OrderedDict[int, Callable[[Any, int], None]] = OrderedDict()
@@ -231,6 +232,15 @@ class BlockCoordinateMixin(Strategy):
         for group in optimizer.param_groups:
             group["params"] = []
         optimizer.state = defaultdict(dict)
+        self._disabled_input_grad_hooks = []
+        if self.active_input_requires_grad is not False and self._wants_input_grad():
+            # transformers' gradient checkpointing makes the embedding output require grad, so backward would run
+            # through every frozen layer below the active block; our hook on the active block's input suffices
+            for sub in module.modules():
+                disable = getattr(sub, "disable_input_require_grads", None)
+                if getattr(sub, "_require_grads_hooks", None) and callable(disable):
+                    disable()
+                    self._disabled_input_grad_hooks.append(sub)
         self._ready = True
         sizes = [sum(self._params[n].numel() for n in b.param_names) for b in self._blocks]
         rank_zero_info(
@@ -314,6 +324,9 @@ class BlockCoordinateMixin(Strategy):
                         master.grad = master.grad.cpu()
         for name, param in self._params.items():
             param.requires_grad_(self._original_requires_grad.get(name, True))
+        for sub in self._disabled_input_grad_hooks:
+            sub.enable_input_require_grads()  # type: ignore[operator]
+        self._disabled_input_grad_hooks = []
 
     # ------------------------------------------------------------------------------------------ strategy hooks
     @override
