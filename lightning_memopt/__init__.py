@@ -15,7 +15,7 @@ Example::
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_memopt.blocks import Block, BlockPartitionError, partition
-from lightning_memopt.callbacks import BlockSwitch
+from lightning_memopt.callbacks import BlockSwitch, EightBitState
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies import BAdamDDPStrategy, BAdamStrategy
 
@@ -31,6 +31,7 @@ __all__ = [
     "Block",
     "BlockPartitionError",
     "BlockSwitch",
+    "EightBitState",
     "MasterGradScalerPrecision",
     "__version__",
     "partition",

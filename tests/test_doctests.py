@@ -10,7 +10,9 @@ import lightning_memopt.lm
 import lightning_memopt.precision
 
 
-@pytest.mark.parametrize("module", [lightning_memopt.blocks, lightning_memopt.data, lightning_memopt.lm, lightning_memopt.precision])
+@pytest.mark.parametrize(
+    "module", [lightning_memopt.blocks, lightning_memopt.data, lightning_memopt.lm, lightning_memopt.precision]
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

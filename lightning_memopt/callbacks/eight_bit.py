@@ -1,0 +1,540 @@
+"""8-bit optimizer state through bitsandbytes: the run's optimizer swapped for its 8-bit counterpart.
+
+Adam keeps two FP32 numbers per trained parameter (8 bytes). bitsandbytes' 8-bit optimizers store each state tensor as
+``uint8`` codes of a dynamic quantization map plus one FP32 absolute maximum per block of 256 values: 2 + 8/256 =
+2.03 bytes per parameter for Adam (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022). Small
+tensors (fewer than ``min_8bit_size`` values) and the parameters asked for keep 32-bit state.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import wraps
+from types import ModuleType
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from packaging.version import Version
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+__all__ = ["SUPPORTED_OPTIMIZERS", "EightBitState", "check_bitsandbytes_version", "is_eight_bit", "to_eight_bit"]
+
+SUPPORTED_OPTIMIZERS = (
+    "torch.optim.Adam (weight_decay=0 or decoupled_weight_decay=True), torch.optim.AdamW, torch.optim.SGD "
+    "(with momentum), torch.optim.RMSprop, torch.optim.Adagrad, and bitsandbytes' 32-bit Adam, AdamW and Lion "
+    "(also their Paged versions)"
+)
+
+# 8-bit optimizers on the CPU arrived in 0.50, and so did the lookup of per-parameter overrides by parameter identity
+# (bitsandbytes#1269, fixed by #1869): before, `override_config` was silently ignored once the optimizer existed.
+_CPU_MIN_VERSION = (0, 50)
+_OVERRIDE_MIN_VERSION = (0, 50)
+_OLDEST_SUPPORTED = (0, 45)  # pyproject's floor; 8-bit optimizers on CUDA are much older than that
+_INSTALL = "pip install -U 'bitsandbytes>=0.50'"
+
+
+# ---------------------------------------------------------------------------------------------------- bitsandbytes
+def _import_bitsandbytes() -> ModuleType:
+    try:
+        import bitsandbytes
+        import bitsandbytes.optim
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"8-bit optimizer state needs the bitsandbytes package, which could not be imported ({err}). "
+            f"Install it with `{_INSTALL}`, or remove EightBitState / the bitsandbytes optimizer from the run."
+        ) from err
+    return bitsandbytes
+
+
+def check_bitsandbytes_version(version: str, device_type: str, keeps_32bit: bool) -> None:
+    """Raise if bitsandbytes ``version`` cannot run 8-bit optimizers on ``device_type`` as EightBitState needs.
+
+    The CPU needs 0.50 (earlier releases have no CPU kernels for 8-bit optimizers); keeping chosen parameters in 32-bit
+    state needs 0.50 on every device (earlier releases ignore ``GlobalOptimManager.override_config`` once the
+    optimizer exists, bitsandbytes#1269).
+
+    Example::
+
+        >>> check_bitsandbytes_version("0.50.2", "cpu", keeps_32bit=True)
+        >>> check_bitsandbytes_version("0.45.5", "cuda", keeps_32bit=False)
+        >>> check_bitsandbytes_version("0.49.0", "cpu", keeps_32bit=False)
+        Traceback (most recent call last):
+        ...
+        lightning.fabric.utilities.exceptions.MisconfigurationException: bitsandbytes 0.49.0 ...
+    """
+    release = Version(version).release
+    if device_type == "cpu" and release < _CPU_MIN_VERSION:
+        reason = "runs its 8-bit optimizers on the CPU only from 0.50 on"
+    elif keeps_32bit and release < _OVERRIDE_MIN_VERSION:
+        reason = (
+            "ignores per-parameter 32-bit overrides before 0.50 (bitsandbytes#1269), so the parameters EightBitState "
+            "keeps in 32 bits would silently get 8-bit state; pass keep_32bit=() and keep_32bit_embeddings=False to "
+            "run without overrides"
+        )
+    elif release < _OLDEST_SUPPORTED:
+        reason = "is older than the oldest release lightning-memopt supports (0.45)"
+    else:
+        return
+    raise MisconfigurationException(
+        f"bitsandbytes {version} is too old for 8-bit optimizer state on this {device_type} run: it {reason}. "
+        f"Upgrade with `{_INSTALL}`."
+    )
+
+
+def is_eight_bit(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is a bitsandbytes optimizer that keeps 8-bit state (``AdamW8bit``, ``Adam(optim_bits=8)``).
+
+    Example::
+
+        >>> import torch, bitsandbytes as bnb
+        >>> params = [torch.nn.Parameter(torch.zeros(4))]
+        >>> is_eight_bit(bnb.optim.AdamW8bit(params=params)), is_eight_bit(torch.optim.AdamW(params))
+        (True, False)
+    """
+    bnb = _import_bitsandbytes()
+    return isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit) and getattr(optimizer.args, "optim_bits", 32) == 8
+
+
+# ------------------------------------------------------------------------------------- hyper-parameter translation
+# Each function reads one param group (or an optimizer's `defaults`) of a supported optimizer and returns the keyword
+# arguments of its bitsandbytes 8-bit counterpart, refusing options the bitsandbytes kernels would silently ignore.
+_Translate = Callable[[Mapping[str, Any], str], dict[str, Any]]
+
+
+def _num(value: Any) -> Any:
+    # torch optimizers accept tensor learning rates and betas; bitsandbytes passes them on as Python numbers
+    if isinstance(value, Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_num(v) for v in value)
+    return value
+
+
+def _refuse(where: str, option: str, value: Any, why: str, fix: str) -> ValueError:
+    return ValueError(f"{where} has {option}={value!r}, but {why}. {fix}")
+
+
+def _no_maximize(h: Mapping[str, Any], where: str, target: str) -> None:
+    if h.get("maximize", False):
+        raise _refuse(where, "maximize", True, f"bitsandbytes' {target} only minimizes", "Negate the loss instead.")
+
+
+def _adam(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "Adam8bit")
+    if h.get("amsgrad", False):
+        raise _refuse(where, "amsgrad", True, "bitsandbytes' 8-bit Adam has no AMSGrad", "Set amsgrad=False.")
+    weight_decay = _num(h["weight_decay"])
+    if weight_decay != 0 and not h.get("decoupled_weight_decay", False):
+        raise _refuse(
+            where,
+            "weight_decay",
+            weight_decay,
+            "torch.optim.Adam adds weight decay to the gradient (L2) while bitsandbytes' Adam8bit decays the weights "
+            "directly, as AdamW does",
+            "Use torch.optim.AdamW(weight_decay=...) (or Adam(decoupled_weight_decay=True)), or weight_decay=0.",
+        )
+    return {"lr": _num(h["lr"]), "betas": _num(h["betas"]), "eps": _num(h["eps"]), "weight_decay": weight_decay}
+
+
+def _adamw(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "AdamW8bit")
+    if h.get("amsgrad", False):
+        raise _refuse(where, "amsgrad", True, "bitsandbytes' AdamW8bit has no AMSGrad", "Set amsgrad=False.")
+    return {k: _num(h[k]) for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def _sgd(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "SGD8bit")
+    momentum = _num(h["momentum"])
+    if momentum == 0:
+        raise _refuse(
+            where,
+            "momentum",
+            momentum,
+            "SGD without momentum keeps no optimizer state, so there is nothing to store in 8 bits",
+            "Remove EightBitState, or set momentum (e.g. 0.9).",
+        )
+    if h.get("nesterov", False):
+        raise _refuse(where, "nesterov", True, "bitsandbytes' SGD8bit ignores it", "Set nesterov=False.")
+    if _num(h.get("dampening", 0)) != 0:
+        raise _refuse(where, "dampening", h["dampening"], "bitsandbytes' SGD8bit ignores it", "Set dampening=0.")
+    return {"lr": _num(h["lr"]), "momentum": momentum, "weight_decay": _num(h["weight_decay"])}
+
+
+def _rmsprop(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "RMSprop8bit")
+    if h.get("centered", False):
+        raise _refuse(where, "centered", True, "bitsandbytes' RMSprop8bit is not centered", "Set centered=False.")
+    if _num(h.get("momentum", 0)) != 0:
+        raise _refuse(where, "momentum", h["momentum"], "bitsandbytes' RMSprop8bit ignores it", "Set momentum=0.")
+    if _num(h["alpha"]) == 0:
+        raise _refuse(where, "alpha", 0, "bitsandbytes' RMSprop8bit needs alpha > 0", "Use alpha=0.99.")
+    return {k: _num(h[k]) for k in ("lr", "alpha", "eps", "weight_decay")}
+
+
+def _adagrad(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "Adagrad8bit")
+    for option in ("lr_decay", "initial_accumulator_value"):
+        if _num(h.get(option, 0)) != 0:
+            raise _refuse(
+                where, option, h[option], "bitsandbytes' Adagrad8bit does not implement it", f"Set {option}=0."
+            )
+    return {k: _num(h[k]) for k in ("lr", "eps", "weight_decay")}
+
+
+def _bnb_same_keys(*keys: str) -> _Translate:
+    # bitsandbytes' own 32-bit optimizers store their hyper-parameters under the constructor's names already
+    def translate(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {k: _num(h[k]) for k in keys}
+
+    return translate
+
+
+def _counterpart(optimizer: Optimizer, bnb: ModuleType) -> tuple[Any, _Translate]:
+    torch_table: dict[type, tuple[str, _Translate]] = {
+        torch.optim.Adam: ("Adam8bit", _adam),
+        torch.optim.AdamW: ("AdamW8bit", _adamw),
+        torch.optim.SGD: ("SGD8bit", _sgd),
+        torch.optim.RMSprop: ("RMSprop8bit", _rmsprop),
+        torch.optim.Adagrad: ("Adagrad8bit", _adagrad),
+    }
+    adam_keys = _bnb_same_keys("lr", "betas", "eps", "weight_decay")
+    lion_keys = _bnb_same_keys("lr", "betas", "weight_decay")
+    for base, translate in (("Adam", adam_keys), ("AdamW", adam_keys), ("Lion", lion_keys)):
+        for paged in ("", "Paged"):
+            for suffix in ("", "32bit"):
+                torch_table[getattr(bnb.optim, f"{paged}{base}{suffix}")] = (f"{paged}{base}8bit", translate)
+    # exact types only: a subclass may change the update rule, and its 8-bit version would not
+    entry = torch_table.get(type(optimizer))
+    if entry is None:
+        cls = type(optimizer)
+        raise TypeError(
+            f"EightBitState cannot give {cls.__module__}.{cls.__qualname__} 8-bit state: bitsandbytes has 8-bit "
+            f"versions of {SUPPORTED_OPTIMIZERS}. Use one of those, or configure a bitsandbytes 8-bit optimizer "
+            "(e.g. bitsandbytes.optim.AdamW8bit) yourself and keep EightBitState for its 32-bit exceptions."
+        )
+    name, translate = entry
+    return getattr(bnb.optim, name), translate
+
+
+def _group_keys(target: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    # bitsandbytes' constructors translate their keyword arguments into param-group keys (SGD8bit keeps momentum as
+    # betas[0], RMSprop8bit alpha as betas[0]); an empty optimizer built with the group's arguments does that for us
+    probe = target(params=[{"params": []}], **kwargs)
+    return {k: v for k, v in probe.param_groups[0].items() if k != "params"}
+
+
+# Optimizer attributes holding the hooks of `register_step_pre_hook` / `register_step_post_hook`.
+_STEP_HOOK_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+
+
+def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
+    """Return the bitsandbytes 8-bit counterpart of ``optimizer``, over the same param groups and hyper-parameters.
+
+    Every param group keeps its parameters, its current hyper-parameters (translated into bitsandbytes' keys, e.g.
+    SGD's momentum becomes ``betas[0]``) and any extra keys (a scheduler's ``initial_lr``, your own ``name``). Step
+    hooks registered on ``optimizer`` are shared with the new one. The new optimizer starts without state (create it
+    before the first step). An optimizer that already keeps 8-bit state is returned as it is. Supported:
+    torch's Adam (no L2 weight decay), AdamW, SGD with momentum, RMSprop, Adagrad, and bitsandbytes' 32-bit Adam,
+    AdamW and Lion (and Paged versions); options the 8-bit kernels would ignore (AMSGrad, Nesterov, centered,
+    ``maximize``, ...) raise a ``ValueError`` that names them.
+
+    Args:
+        optimizer: the optimizer to replace.
+        min_8bit_size: tensors with fewer values keep 32-bit state (bitsandbytes' default, 4096).
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(64, 64)
+        >>> adamw = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}],
+        ...                           lr=1e-3, weight_decay=0.1)
+        >>> eight = to_eight_bit(adamw)
+        >>> type(eight).__name__, [g["weight_decay"] for g in eight.param_groups]
+        ('AdamW8bit', [0.1, 0.0])
+    """
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size must be a number of tensor elements >= 0, got {min_8bit_size!r}.")
+    if is_eight_bit(optimizer):
+        return optimizer
+    bnb = _import_bitsandbytes()
+    target, translate = _counterpart(optimizer, bnb)
+    source = type(optimizer).__name__
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        # keys the source optimizer does not define (params, initial_lr, a user's name) travel unchanged
+        extras = {k: v for k, v in group.items() if k not in optimizer.defaults}
+        groups.append({**extras, **_group_keys(target, translate(group, f"Param group {i} of {source}"))})
+    # keyword arguments only: bitsandbytes 0.50 removed percentile_clipping/block_wise, so positions shifted
+    eight = target(params=groups, min_8bit_size=min_8bit_size, **translate(optimizer.defaults, f"{source}'s defaults"))
+    for attr in _STEP_HOOK_ATTRS:
+        # share the very dicts, so hooks registered before the swap run and their handles still remove them
+        setattr(eight, attr, getattr(optimizer, attr))
+    return eight
+
+
+# ------------------------------------------------------------------------------------------- 32-bit exceptions
+class _Overrides:
+    """The parameters whose state bitsandbytes keeps in 32 bits, as entries in its process-wide GlobalOptimManager.
+
+    The manager is keyed by ``id(param)``: entries must follow the parameters (BAdam makes new masters at every
+    activation) and must go away with them, or a later tensor that reuses the id would inherit the override.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, dict[str, Any] | None] = {}
+
+    def set(self, params: Iterable[Tensor]) -> None:
+        self.clear()
+        manager = _import_bitsandbytes().optim.GlobalOptimManager.get_instance()
+        for param in params:
+            key = id(param)
+            if key in self._previous:
+                continue
+            previous = manager.pid2config.get(key)
+            self._previous[key] = previous
+            # a fresh dict: `override_config` would update a dict that bitsandbytes may share between parameters
+            manager.pid2config[key] = {**(previous or {}), "optim_bits": 32}
+
+    def clear(self) -> None:
+        if not self._previous:
+            return
+        manager = _import_bitsandbytes().optim.GlobalOptimManager.get_instance()
+        for key, previous in self._previous.items():
+            if previous is None:
+                manager.pid2config.pop(key, None)
+            else:
+                manager.pid2config[key] = previous
+        self._previous = {}
+
+
+def _embedding_param_names(module: nn.Module) -> set[str]:
+    embedding_ids = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return {n for n, p in module.named_parameters() if id(p) in embedding_ids}
+
+
+def _is_bnb_state(state: Mapping[str, Any]) -> bool:
+    # bitsandbytes' state_dict nests its quantization tensors under this key (for FSDP); in memory they are top level
+    return "state1" in state or "__bnb_optimizer_quant_state__" in state
+
+
+# ------------------------------------------------------------------------------------------------------ callback
+class EightBitState(Callback):
+    """Keep the optimizer state in 8 bits: the run's optimizer is swapped for its bitsandbytes 8-bit counterpart.
+
+    At the start of fit, ``torch.optim.Adam``/``AdamW``/``SGD`` (with momentum)/``RMSprop``/``Adagrad`` (or
+    bitsandbytes' 32-bit Adam/AdamW/Lion) become ``Adam8bit``/``AdamW8bit``/``SGD8bit``/``RMSprop8bit``/``Adagrad8bit``
+    (``Lion8bit``) with the same param groups and hyper-parameters; LR schedulers are re-pointed at the new optimizer,
+    so schedules, ``LearningRateMonitor`` (which then logs ``lr-AdamW8bit``), gradient clipping and checkpoints keep
+    working. A bitsandbytes optimizer that is 8-bit already is kept as it is. State is 8-bit for every tensor of at
+    least ``min_8bit_size`` values, except the parameters kept in 32 bits: embeddings (by default, as bitsandbytes
+    recommends) and the names matching ``keep_32bit``.
+
+    Works with single-device and DDP strategies and with ``badam``/``badam_ddp``, where the 32-bit exceptions are
+    registered again for the new FP32 masters at every block activation. Needs bitsandbytes >= 0.50 on the CPU.
+
+    Args:
+        min_8bit_size: tensors with fewer values keep 32-bit state (norms, biases); bitsandbytes' default is 4096.
+        keep_32bit: regular expressions (``re.search`` on parameter names such as ``model.norm.weight``) of further
+            parameters whose state stays 32-bit, e.g. ``["norm", "lm_head"]``.
+        keep_32bit_embeddings: keep the state of every ``torch.nn.Embedding``'s weight in 32 bits (bitsandbytes'
+            advice for stable training; Hugging Face's Trainer does the same).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_memopt import BAdamStrategy, BlockSwitch, EightBitState
+
+        trainer = Trainer(strategy=BAdamStrategy(), precision="bf16-true",
+                          callbacks=[BlockSwitch(every=100), EightBitState(keep_32bit=["norm"])])
+
+    or, in a LightningCLI recipe, one more entry under ``trainer.callbacks``::
+
+        - class_path: lightning_memopt.EightBitState
+    """
+
+    def __init__(
+        self,
+        min_8bit_size: int = 4096,
+        keep_32bit: Sequence[str] = (),
+        keep_32bit_embeddings: bool = True,
+    ) -> None:
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(
+                f"EightBitState(min_8bit_size=...) must be a number of tensor elements >= 0, got {min_8bit_size!r}."
+            )
+        if isinstance(keep_32bit, str):
+            raise ValueError(
+                f"EightBitState(keep_32bit=...) takes a list of regular expressions, got the string {keep_32bit!r}. "
+                f"Write keep_32bit=[{keep_32bit!r}]."
+            )
+        for pattern in keep_32bit:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"EightBitState(keep_32bit=...) has an invalid regular expression {pattern!r}: {err}"
+                ) from err
+        _import_bitsandbytes()  # fail while the run is being configured, not at the start of fit
+        self.min_8bit_size = min_8bit_size
+        self.keep_32bit = list(keep_32bit)
+        self.keep_32bit_embeddings = keep_32bit_embeddings
+        self._kept: list[str] = []
+        self._overrides = _Overrides()
+        self._activation_handle: RemovableHandle | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"EightBitState(min_8bit_size={self.min_8bit_size}, keep_32bit={self.keep_32bit!r}, "
+            f"keep_32bit_embeddings={self.keep_32bit_embeddings})"
+        )
+
+    @property
+    def kept_32bit(self) -> list[str]:
+        """Names of the parameters whose state stays 32-bit by request (known once fit has started)."""
+        return list(self._kept)
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        bnb = _import_bitsandbytes()
+        keeps = bool(self.keep_32bit) or self.keep_32bit_embeddings
+        check_bitsandbytes_version(bnb.__version__, trainer.strategy.root_device.type, keeps_32bit=keeps)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        for i, saved in enumerate(checkpoint.get("optimizer_states", [])):
+            for state in saved.get("state", {}).values():
+                if state and not _is_bnb_state(state):
+                    raise MisconfigurationException(
+                        f"The checkpoint's optimizer {i} holds 32-bit state ({', '.join(sorted(state))}), but "
+                        "EightBitState trains with a bitsandbytes 8-bit optimizer, which cannot load it. Resume "
+                        "without EightBitState, or start a new run from the checkpoint's weights only "
+                        "(model.load_state_dict(torch.load(path)['state_dict']) and trainer.fit without ckpt_path)."
+                    )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_memopt.strategies.badam import BlockCoordinateMixin
+
+        strategy = trainer.strategy
+        if not strategy.optimizers:
+            rank_zero_warn("EightBitState: configure_optimizers returned no optimizer, so there is no state to shrink.")
+            return
+        swapped = []
+        for old in strategy.optimizers:
+            if any(len(s) for s in old.state.values()):
+                rank_zero_warn(
+                    f"EightBitState: {type(old).__name__} already has optimizer state; its bitsandbytes 8-bit "
+                    "counterpart starts without it."
+                )
+            new = to_eight_bit(old, min_8bit_size=self.min_8bit_size)
+            own_min_size = getattr(getattr(old, "args", None), "min_8bit_size", self.min_8bit_size)
+            if new is old and own_min_size != self.min_8bit_size:
+                rank_zero_warn(
+                    f"EightBitState(min_8bit_size={self.min_8bit_size}) leaves the configured {type(old).__name__} "
+                    f"as it is, with its own min_8bit_size={own_min_size}."
+                )
+            swapped.append((old, new))
+        strategy.optimizers = [new for _, new in swapped]
+        for old, new in swapped:
+            if new is not old:
+                _repoint_schedulers(trainer, old, new)
+
+        self._kept = self._resolve_kept(pl_module)
+        if isinstance(strategy, BlockCoordinateMixin):
+            # BAdam makes new FP32 masters at every activation: register them again each time (and now, in case the
+            # BlockSwitch callback ran before this one and a block is active already)
+            self._activation_handle = strategy.register_activation_hook(self._on_activation)
+            self._on_activation(strategy, strategy.active_block)
+        else:
+            params = dict(pl_module.named_parameters())
+            self._overrides.set(params[n] for n in self._kept)
+        names = ", ".join(
+            f"{type(o).__name__} -> {type(n).__name__}" if n is not o else f"{type(o).__name__} (kept)"
+            for o, n in swapped
+        )
+        rank_zero_info(
+            f"EightBitState: {names}; 32-bit state for tensors under {self.min_8bit_size} values"
+            + (f" and {len(self._kept)} kept parameters (e.g. {self._kept[0]!r})" if self._kept else "")
+        )
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    # ----------------------------------------------------------------------------------------------- internals
+    def _resolve_kept(self, pl_module: LightningModule) -> list[str]:
+        names = [n for n, _ in pl_module.named_parameters()]
+        wanted = _embedding_param_names(pl_module) if self.keep_32bit_embeddings else set()
+        for pattern in self.keep_32bit:
+            matched = {n for n in names if re.search(pattern, n)}
+            if not matched:
+                rank_zero_warn(
+                    f"EightBitState(keep_32bit=[..., {pattern!r}, ...]) matches no parameter (names look like "
+                    f"{names[0]!r}); fix the pattern or remove it."
+                )
+            wanted |= matched
+        return [n for n in names if n in wanted]
+
+    def _on_activation(self, strategy: Any, index: int | None) -> None:
+        masters = strategy.master_params
+        self._overrides.set(masters[n] for n in self._kept if n in masters)
+
+    def _release(self) -> None:
+        if self._activation_handle is not None:
+            self._activation_handle.remove()
+            self._activation_handle = None
+        self._overrides.clear()
+
+
+def _repoint_schedulers(trainer: Trainer, old: Optimizer, new: Optimizer) -> None:
+    def repoint(scheduler: Any) -> bool:
+        found = False
+        if getattr(scheduler, "optimizer", None) is old:
+            scheduler.optimizer = new
+            found = True
+        # SequentialLR and ChainedScheduler drive schedulers of their own
+        for inner in getattr(scheduler, "_schedulers", []):
+            found = repoint(inner) or found
+        return found
+
+    found = False
+    for config in trainer.lr_scheduler_configs:
+        found = repoint(config.scheduler) or found
+    if found:
+        _track_step_called(new)
+
+
+def _track_step_called(optimizer: Optimizer) -> None:
+    # torch's LR schedulers wrap their optimizer's step() to warn when scheduler.step() comes first (pytorch#20124);
+    # without the same wrapper on the new optimizer, the first scheduler.step() would warn that step() "has been
+    # overridden after learning rate scheduler initialization"
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = type(optimizer).step
+    ref = weakref.ref(optimizer)  # the optimizer holds this wrapper: no reference cycle
+
+    @wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = ref()
+        assert opt is not None
+        opt._opt_called = True  # type: ignore[attr-defined]
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
