@@ -4,6 +4,7 @@ import doctest
 
 import pytest
 
+import lightning_memopt.adafactor
 import lightning_memopt.blocks
 import lightning_memopt.data
 import lightning_memopt.lm
@@ -11,7 +12,14 @@ import lightning_memopt.precision
 
 
 @pytest.mark.parametrize(
-    "module", [lightning_memopt.blocks, lightning_memopt.data, lightning_memopt.lm, lightning_memopt.precision]
+    "module",
+    [
+        lightning_memopt.adafactor,
+        lightning_memopt.blocks,
+        lightning_memopt.data,
+        lightning_memopt.lm,
+        lightning_memopt.precision,
+    ],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
