@@ -1,7 +1,7 @@
 """lightning-memopt: memory-efficient full-parameter fine-tuning for PyTorch Lightning.
 
-Importing the package registers the strategy names ``"badam"`` and ``"badam_ddp"``, so ``Trainer(strategy="badam")``
-and ``strategy: badam`` in LightningCLI YAML work.
+Importing the package registers the strategy names ``"badam"``, ``"badam_ddp"`` and ``"badam_fsdp"``, so
+``Trainer(strategy="badam")`` and ``strategy: badam`` in LightningCLI YAML work.
 
 Example::
 
@@ -15,24 +15,29 @@ Example::
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_memopt.blocks import Block, BlockPartitionError, partition
-from lightning_memopt.callbacks import BlockSwitch, EightBitState
+from lightning_memopt.callbacks import Beta2Schedule, BlockSwitch, EightBitState, RelativeStepSize, UpdateClipping
 from lightning_memopt.precision import MasterGradScalerPrecision
-from lightning_memopt.strategies import BAdamDDPStrategy, BAdamStrategy
+from lightning_memopt.strategies import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy
 
 __version__ = "0.1.0.dev0"
 
 # Lightning 2.6 does not discover third-party strategies: register ours on import, once.
 BAdamStrategy.register_strategies(StrategyRegistry)
 BAdamDDPStrategy.register_strategies(StrategyRegistry)
+BAdamFSDPStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "BAdamDDPStrategy",
+    "BAdamFSDPStrategy",
     "BAdamStrategy",
+    "Beta2Schedule",
     "Block",
     "BlockPartitionError",
     "BlockSwitch",
     "EightBitState",
     "MasterGradScalerPrecision",
+    "RelativeStepSize",
+    "UpdateClipping",
     "__version__",
     "partition",
 ]

@@ -21,7 +21,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).parent))
 from models import LlamaModule, token_loader
 
-from lightning_memopt import BAdamDDPStrategy, BAdamStrategy, BlockSwitch
+from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, BlockSwitch
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # sharded runs hold DTensors: compare the gathered full tensors (a collective: every rank calls it)
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
 
 _real_all_reduce = dist.all_reduce
 _bytes = {"now": 0, "calls": 0}
@@ -68,6 +78,9 @@ class Record(Callback):
         self.batch_bytes: list[int] = []
         self.active_bytes: list[int] = []
         self.scales: list[float] = []
+        self.grad_norms: list[float] = []
+        self.local_master_bytes: list[int] = []
+        self.local_weight_bytes: list[int] = []
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self.masters: dict[str, torch.Tensor] = {}
         self.state: dict = {}
@@ -83,19 +96,23 @@ class Record(Callback):
         strategy = trainer.strategy
         self.blocks.append(strategy.active_block)
         self.active_bytes.append(sum(m.numel() * 4 for m in strategy.master_params.values()))
+        local = [_local(m) for m in strategy.master_params.values()]
+        self.local_master_bytes.append(sum(t.numel() * t.element_size() for t in local))
+        self.local_weight_bytes.append(sum(_local(p).numel() * p.element_size() for p in pl_module.parameters()))
+        self.grad_norms.append(float(torch.nn.utils.get_total_norm([m.grad for m in strategy.master_params.values()])))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batch_bytes.append(_bytes["now"] - self._batch_start)
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.step_bytes.append(_bytes["now"] - self._step_start)
             self.step_calls.append(_bytes["calls"] - self._calls_start)
-            self.snapshots.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+            self.snapshots.append({n: _full(p.detach()).clone() for n, p in pl_module.named_parameters()})
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self.scales.append(float(scaler.get_scale()) if scaler is not None else 1.0)
-        self.masters = {n: m.detach().clone() for n, m in trainer.strategy.master_params.items()}
+        self.masters = {n: _full(m.detach()).clone() for n, m in trainer.strategy.master_params.items()}
         opt = trainer.optimizers[0]
         self.state = {
-            i: {k: v.clone() for k, v in opt.state[p].items()}
+            i: {k: _full(v).clone() for k, v in opt.state[p].items()}
             for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
             if p in opt.state
         }
@@ -118,6 +135,8 @@ def main() -> None:
     parser.add_argument("--overflow-rank", type=int, default=-1)
     parser.add_argument("--overflow-step", type=int, default=-1)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    parser.add_argument("--strategy", default="badam_ddp", choices=["badam_ddp", "badam_fsdp"])
+    parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--ckpt-out", default=None)
     args = parser.parse_args()
@@ -134,7 +153,9 @@ def main() -> None:
         n=args.n,
         batch_size=args.batch_size,
     )
-    if args.devices > 1:
+    if args.devices > 1 and args.strategy == "badam_fsdp":
+        strategy = BAdamFSDPStrategy()
+    elif args.devices > 1:
         strategy = BAdamDDPStrategy(bucket_cap_mb=args.bucket_cap_mb)
     else:
         strategy = BAdamStrategy()
@@ -159,6 +180,7 @@ def main() -> None:
         precision=args.precision,
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
         callbacks=callbacks,
         use_distributed_sampler=False,
         default_root_dir=out,
@@ -172,7 +194,10 @@ def main() -> None:
     torch.save(
         {
             "world_size": trainer.world_size,
-            "weights": {n: p.detach().clone() for n, p in module.named_parameters()},
+            "weights": {n: _full(p.detach()).clone() for n, p in module.named_parameters()},
+            "grad_norms": record.grad_norms,
+            "local_master_bytes": record.local_master_bytes,
+            "local_weight_bytes": record.local_weight_bytes,
             "blocks": record.blocks,
             "step_bytes": record.step_bytes,
             "step_calls": record.step_calls,

@@ -2,5 +2,6 @@
 
 from lightning_memopt.strategies.badam import BAdamStrategy, BlockCoordinateMixin
 from lightning_memopt.strategies.badam_ddp import BAdamDDPStrategy
+from lightning_memopt.strategies.badam_fsdp import BAdamFSDPStrategy
 
-__all__ = ["BAdamDDPStrategy", "BAdamStrategy", "BlockCoordinateMixin"]
+__all__ = ["BAdamDDPStrategy", "BAdamFSDPStrategy", "BAdamStrategy", "BlockCoordinateMixin"]

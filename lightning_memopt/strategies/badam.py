@@ -132,7 +132,10 @@ class BlockCoordinateMixin(Strategy):
         if self.keep_optimizer_state:
             for name, master in self._masters.items():
                 if name in self._stash:
-                    optimizer.state[master] = self._stash.pop(name)
+                    optimizer.state[master] = {
+                        k: self._badam_like(v, master) if isinstance(v, Tensor) and v.shape == master.shape else v
+                        for k, v in self._stash.pop(name).items()
+                    }
         self._active = index
         self._update_input_hooks()
         for hook in list(self._activation_hooks.values()):
@@ -265,7 +268,7 @@ class BlockCoordinateMixin(Strategy):
         pairs = [(self._params[n], m) for n, m in self._masters.items() if m is not self._params[n]]
         if not pairs:
             return
-        if not bool(torch.stack([m.isfinite().all() for _, m in pairs]).all()):
+        if not self._badam_all_finite([m for _, m in pairs]):
             # never let a NaN reach the half weights: they still hold the last finite update
             raise RuntimeError(
                 "BAdam: the optimizer produced inf/NaN master weights from finite gradients, so the half-precision "
@@ -368,9 +371,17 @@ class BlockCoordinateMixin(Strategy):
         self._badam_masters_to_weights()
         return output
 
+    def _badam_all_finite(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether every tensor is finite (on every rank, for strategies whose tensors are shards)."""
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+    def _badam_like(self, tensor: Tensor, like: Tensor) -> Tensor:
+        """``tensor`` (as saved in a checkpoint) in the layout of ``like`` (sharding strategies re-shard it)."""
+        return tensor
+
     def _badam_skip_nonfinite(self) -> None:
         grads = [m.grad for m in self._masters.values() if m.grad is not None]
-        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        if not grads or self._badam_all_finite(grads):
             self._nonfinite_in_a_row = 0
             return
         # optimizers skip parameters without a gradient: this step changes no weight, master or optimizer state
@@ -458,7 +469,7 @@ class BlockCoordinateMixin(Strategy):
                         f"The checkpoint holds a master weight for {name!r}, which is not in the active block "
                         f"{self._blocks[self._active].name if self._active is not None else None!r}."
                     )
-                self._masters[name].copy_(tensor)
+                self._masters[name].copy_(self._badam_like(tensor, self._masters[name]))
         self._stash = {n: dict(s) for n, s in state.get("stash", {}).items()}
 
 

@@ -1,0 +1,284 @@
+"""BAdam on sharded models: FSDP2 (``fully_shard``) shards the half weights and the active block's FP32 state."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_memopt.precision import MasterGradScalerPrecision
+from lightning_memopt.strategies.badam import BlockCoordinateMixin
+
+__all__ = ["BAdamFSDPStrategy"]
+
+
+class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
+    """BAdam on models too large for one GPU: every block's layer is an FSDP2 unit, so all state is sharded.
+
+    Each block's module (one transformer layer by default) is wrapped with
+    ``torch.distributed.fsdp.fully_shard`` as its own unit, and the root module with the rest. The half-precision
+    weights are ``DTensor`` shards; the active block's FP32 masters, gradients and optimizer state are built from the
+    local shards, so per rank memory is about ``(2M + 16M/D) / N`` for N ranks, plus one layer's all-gathered weights
+    during its forward/backward. FSDP2 reduce-scatters only the gradients of parameters that require grad: the active
+    block. Gradient clipping by norm uses the global norm over all shards.
+
+    Checkpoints are *consolidated*: the model ``state_dict`` holds full tensors (gathered to rank 0's CPU one tensor at
+    a time), and the active block's masters and optimizer state are gathered too, so a checkpoint loads anywhere —
+    on one device, with another number of ranks, or into ``lightning-memopt export``. Resuming re-shards them.
+
+    ``precision="16-true"`` is not supported (the loss scaler's overflow check would have to agree across shards);
+    use ``bf16-true``.
+
+    Args:
+        block_prefixes: explicit blocks (see :func:`lightning_memopt.blocks.partition`).
+        block_regexes: explicit blocks as regular expressions.
+        include_embedding: with automatic blocks, also train the embeddings as a block.
+        include_lm_head: with automatic blocks, also train the output head as a block.
+        keep_optimizer_state: keep each block's optimizer state across switches.
+        active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
+        max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`.
+        reshard_after_forward: FSDP2's option: free the gathered weights after forward (less memory, one more
+            all-gather in backward).
+        process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
+        timeout: process group timeout.
+        start_method: how Lightning launches processes.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_memopt import BAdamFSDPStrategy, BlockSwitch
+
+        trainer = Trainer(accelerator="gpu", devices=8, strategy=BAdamFSDPStrategy(), precision="bf16-true",
+                          callbacks=[BlockSwitch(every=100, order="random")])
+    """
+
+    strategy_name = "badam_fsdp"
+
+    def __init__(
+        self,
+        block_prefixes: Sequence[str | Sequence[str]] | None = None,
+        block_regexes: Sequence[str] | None = None,
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        keep_optimizer_state: bool = False,
+        active_input_requires_grad: bool | None = None,
+        max_nonfinite_steps: int = 5,
+        reshard_after_forward: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.reshard_after_forward = reshard_after_forward
+        self._mesh: DeviceMesh | None = None
+        self._sharded_units: list[nn.Module] = []
+        self._badam_init(
+            block_prefixes,
+            block_regexes,
+            include_embedding,
+            include_lm_head,
+            keep_optimizer_state,
+            active_input_requires_grad,
+            max_nonfinite_steps,
+        )
+
+    @override
+    def _badam_check_precision(self) -> None:
+        super()._badam_check_precision()
+        if isinstance(self.precision_plugin, MasterGradScalerPrecision):
+            raise MisconfigurationException(
+                "BAdamFSDPStrategy does not support precision='16-true': the loss scaler's inf/NaN check would see "
+                "only each rank's shard. Use precision='bf16-true' (no loss scaling needed)."
+            )
+
+    @override
+    def configure_ddp(self) -> None:
+        # instead of wrapping with DistributedDataParallel: start from rank 0's weights, then shard block by block
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from lightning_memopt.blocks import partition
+
+        module = self.lightning_module
+        assert module is not None
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+        self._mesh = init_device_mesh(self.root_device.type, (dist.get_world_size(),))
+        blocks = partition(
+            module,
+            block_prefixes=self.block_prefixes,
+            block_regexes=self.block_regexes,
+            include_embedding=self.include_embedding,
+            include_lm_head=self.include_lm_head,
+        )
+        units: list[nn.Module] = []
+        for block in blocks:
+            for path in self._block_module_paths(block):
+                sub = module.get_submodule(path)
+                if sub is not module and all(sub is not u for u in units):
+                    units.append(sub)
+        # average gradients in FP32, as the other BAdam strategies do: they feed FP32 masters
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        for unit in units:
+            fully_shard(unit, mesh=self._mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
+        fully_shard(module, mesh=self._mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
+        for param in module.parameters():
+            # the reduced FP32 gradient lands on the bf16 shard as it is (it is moved into the FP32 master anyway)
+            param.grad_dtype = None
+        self._sharded_units = [*units, module]
+
+    def _redirect(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
+        module = self.lightning_module
+        assert module is not None
+        with context:
+            if self._sharded_units:
+                # FSDP2 gathers the root unit's weights in forward's pre-hook: run the step through __call__
+                return self._forward_redirection(module, module, method, *args, **kwargs)
+            return getattr(module, method)(*args, **kwargs)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirect("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirect("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirect("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._redirect("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
+
+    @override
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # non-final micro-batches accumulate unsharded gradients locally; the last backward reduce-scatters the sum
+        module = self.lightning_module
+        setter = getattr(module, "set_requires_gradient_sync", None)
+        if setter is None:
+            yield
+            return
+        setter(False)
+        try:
+            yield
+        finally:
+            setter(True)
+
+    @override
+    def _badam_grads_to_masters(self) -> None:
+        for name, master in self._masters.items():
+            param = self._params[name]
+            grad = param.grad
+            if master is param or grad is None:
+                continue
+            param.grad = None
+            if isinstance(grad, DTensor):
+                # the FP32-reduced gradient arrives on a bf16 parameter: rebuild it with FP32 metadata throughout
+                grad = DTensor.from_local(
+                    grad.to_local().to(torch.float32),
+                    grad.device_mesh,
+                    grad.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+            else:
+                grad = grad.to(torch.float32)
+            if master.grad is None:
+                master.grad = grad
+            else:
+                master.grad.add_(grad)
+
+    @override
+    def _badam_all_finite(self, tensors: Sequence[Tensor]) -> bool:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.int32).reshape(1)
+        # every rank must take the same decision, and each sees only its shards
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    @override
+    def _badam_like(self, tensor: Tensor, like: Tensor) -> Tensor:
+        if isinstance(like, DTensor) and not isinstance(tensor, DTensor):
+            # every rank loaded the same full tensor: each keeps its own shard, no communication
+            full = tensor.to(device=like.device, dtype=like.dtype)
+            return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+        return tensor
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        module = self.lightning_module
+        assert module is not None
+        # consolidated: full tensors, gathered one at a time to rank 0's CPU (the other ranks get an empty dict)
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state = super().optimizer_state(optimizer)
+        gathered = _gather(state)
+        assert isinstance(gathered, dict)
+        return gathered
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        optimizer = self._badam_optimizer()
+        for param, param_state in optimizer.state.items():
+            for key, value in list(param_state.items()):
+                if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+                    param_state[key] = self._badam_like(value, param)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name, cls, description="BAdam block coordinate descent on FSDP2-sharded models"
+            )
+
+
+def _gather(obj: Any) -> Any:
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().cpu()
+    if isinstance(obj, dict):
+        return {k: _gather(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_gather(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_gather(v) for v in obj)
+    return obj
