@@ -130,9 +130,6 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
 
         module = self.lightning_module
         assert module is not None
-        with torch.no_grad():
-            for tensor in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(tensor.data, src=0)
         self._mesh = init_device_mesh(self.root_device.type, (dist.get_world_size(),))
         blocks = partition(
             module,
@@ -149,13 +146,27 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
                     units.append(sub)
         # average gradients in FP32, as the other BAdam strategies do: they feed FP32 masters
         policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-        for unit in units:
+        # unit by unit: move to the device, take rank 0's values, shard; at most one full unit is on the device
+        for unit in [*units, module]:
+            # parameters of units sharded already are DTensors on the device
+            plain = [t for t in [*unit.parameters(), *unit.buffers()] if not isinstance(t, DTensor)]
+            self._to_device_from_rank0(plain)
             fully_shard(unit, mesh=self._mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
-        fully_shard(module, mesh=self._mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
         for param in module.parameters():
             # the reduced FP32 gradient lands on the bf16 shard as it is (it is moved into the FP32 master anyway)
             param.grad_dtype = None
         self._sharded_units = [*units, module]
+
+    @override
+    def model_to_device(self) -> None:
+        # the whole model may not fit on one device: configure_ddp moves it there one FSDP unit at a time
+        pass
+
+    def _to_device_from_rank0(self, tensors: list[Tensor]) -> None:
+        with torch.no_grad():
+            for tensor in tensors:
+                tensor.data = tensor.data.to(self.root_device)
+                dist.broadcast(tensor.data, src=0)
 
     def _redirect(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
         module = self.lightning_module
