@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint typecheck unit bench clean
+.PHONY: install quickstart test lint typecheck unit bench bench-comm clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 bench: $(STAMP)
-	$(BIN)/python -m lightning_memopt.bench
+	$(BIN)/python -m lightning_memopt.bench --out bench_results
+
+bench-comm: $(STAMP)
+	$(BIN)/python -m lightning_memopt.bench comm --out bench_results
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs

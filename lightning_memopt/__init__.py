@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_memopt.blocks import Block, BlockPartitionError, partition
 from lightning_memopt.callbacks import Beta2Schedule, BlockSwitch, EightBitState, RelativeStepSize, UpdateClipping
+from lightning_memopt.memory import MemoryReport
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy
 
@@ -36,6 +37,7 @@ __all__ = [
     "BlockSwitch",
     "EightBitState",
     "MasterGradScalerPrecision",
+    "MemoryReport",
     "RelativeStepSize",
     "UpdateClipping",
     "__version__",
