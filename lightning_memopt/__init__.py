@@ -15,7 +15,15 @@ Example::
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_memopt.blocks import Block, BlockPartitionError, partition
-from lightning_memopt.callbacks import Beta2Schedule, BlockSwitch, EightBitState, RelativeStepSize, UpdateClipping
+from lightning_memopt.callbacks import (
+    Beta2Schedule,
+    BlockSwitch,
+    EightBitState,
+    RelativeStepSize,
+    StateFreeUpdates,
+    UpdateClipping,
+)
+from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.memory import MemoryReport
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy
@@ -28,6 +36,7 @@ BAdamDDPStrategy.register_strategies(StrategyRegistry)
 BAdamFSDPStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "AtomicCheckpointIO",
     "BAdamDDPStrategy",
     "BAdamFSDPStrategy",
     "BAdamStrategy",
@@ -39,6 +48,7 @@ __all__ = [
     "MasterGradScalerPrecision",
     "MemoryReport",
     "RelativeStepSize",
+    "StateFreeUpdates",
     "UpdateClipping",
     "__version__",
     "partition",

@@ -3,7 +3,8 @@
 Pure functions over ``torch.nn.Module``: nothing here knows about Lightning. A *block* is a named, ordered tuple of
 parameter names (as ``module.named_parameters()`` spells them). The default partition finds the model's repeated
 layers (``model.layers.N``, ``transformer.h.N``, ``encoder.layer.N``, ``blocks.N``, ...) and makes one block per
-layer; the token embedding and the language-model head become blocks only when asked.
+layer; the token embedding and the language-model head become blocks only when asked. ``granularity`` splits the
+layers finer: one block per module of a layer (attention, MLP, norms) or per parameter tensor.
 
 Example::
 
@@ -15,6 +16,8 @@ Example::
     ['layers.0', 'layers.1', 'layers.2']
     >>> partition(net, block_prefixes=["layers.0", ["layers.1", "layers.2"]])[1].param_names
     ('layers.1.weight', 'layers.1.bias', 'layers.2.weight', 'layers.2.bias')
+    >>> [b.name for b in partition(net, granularity="matrix")][:3]
+    ['layers.0.weight', 'layers.0.bias', 'layers.1.weight']
 """
 
 from __future__ import annotations
@@ -23,18 +26,25 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
 __all__ = [
+    "GRANULARITIES",
     "Block",
     "BlockPartitionError",
+    "Granularity",
+    "enclosing_layers",
     "find_embedding_params",
     "find_layer_lists",
     "find_lm_head_params",
     "matches_prefix",
     "partition",
 ]
+
+Granularity = Literal["layer", "module", "matrix"]
+GRANULARITIES: tuple[str, ...] = ("layer", "module", "matrix")
 
 
 class BlockPartitionError(ValueError):
@@ -191,6 +201,7 @@ def partition(
     include_embedding: bool = False,
     include_lm_head: bool = False,
     trainable_only: bool = True,
+    granularity: Granularity = "layer",
 ) -> list[Block]:
     """Split ``module``'s parameters into BAdam blocks.
 
@@ -204,13 +215,20 @@ def partition(
         include_lm_head: with the automatic partition, add the output head as the last block (a head tied to the
             embedding has no parameter of its own and adds nothing).
         trainable_only: ignore parameters with ``requires_grad=False`` (frozen by the user).
+        granularity: how finely the automatic partition splits: ``"layer"`` (one block per repeated layer),
+            ``"module"`` (one block per direct child module of a layer that holds parameters, e.g. ``self_attn``,
+            ``mlp``, ``input_layernorm``; parameters registered on the layer itself form one more block named after
+            the layer) or ``"matrix"`` (one block per parameter tensor, embedding and head included). Finer blocks
+            need a smaller set of FP32 masters and optimizer state at a time (see ``BlockSwitch(budget=...)``).
+            Only for the automatic partition: explicit prefixes/regexes already say what a block is.
 
     Returns:
         The blocks, in training order for ``order="ascending"``.
 
     Raises:
-        BlockPartitionError: no repeated layers found, a prefix or regex matches no parameter, or a parameter falls in
-            two blocks. The message says what to pass instead.
+        BlockPartitionError: no repeated layers found, a prefix or regex matches no parameter, a parameter falls in
+            two blocks, or ``granularity`` is unknown or combined with explicit blocks. The message says what to pass
+            instead.
 
     Example::
 
@@ -219,7 +237,13 @@ def partition(
         >>> net.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(11))
         >>> partition(net, block_prefixes=["layers.1"])[0].param_names
         ('layers.1.weight', 'layers.1.bias')
+        >>> len(partition(net, granularity="matrix"))
+        22
     """
+    if granularity not in GRANULARITIES:
+        raise BlockPartitionError(
+            f"granularity={granularity!r} is not known; choose one of {', '.join(map(repr, GRANULARITIES))}."
+        )
     names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
     if not names:
         raise BlockPartitionError(
@@ -233,6 +257,12 @@ def partition(
             )
     blocks: list[Block] = []
     if block_prefixes is not None or block_regexes is not None:
+        if granularity != "layer":
+            raise BlockPartitionError(
+                f"granularity={granularity!r} splits the automatic partition's layers and cannot be combined with "
+                "block_prefixes/block_regexes. Name the finer blocks yourself (e.g. block_prefixes="
+                "['model.model.layers.0.self_attn', 'model.model.layers.0.mlp', ...]) or leave granularity='layer'."
+            )
         if not block_prefixes and not block_regexes:
             raise BlockPartitionError(
                 "block_prefixes/block_regexes are empty, so there would be no block to train: give at least one "
@@ -281,21 +311,69 @@ def partition(
         if include_embedding:
             emb = [n for n in find_embedding_params(module, exclude=layer_lists) if n in names]
             if emb:
-                blocks.append(Block("embedding", tuple(emb)))
+                blocks.extend(_split_whole("embedding", tuple(emb), granularity))
         for path in layer_lists:
             container = module.get_submodule(path)
-            for child_name, _ in container.named_children():
+            for child_name, layer_module in container.named_children():
                 layer = _join(path, child_name)
                 members_t = tuple(n for n in names if matches_prefix(n, layer))
                 if members_t:
-                    blocks.append(Block(layer, members_t))
+                    blocks.extend(_split_layer(layer, layer_module, members_t, granularity))
         if include_lm_head:
             taken = {n for b in blocks for n in b.param_names}
             head = [n for n in find_lm_head_params(module, exclude=layer_lists) if n in names and n not in taken]
             if head:
-                blocks.append(Block("lm_head", tuple(head)))
+                blocks.extend(_split_whole("lm_head", tuple(head), granularity))
     _check_disjoint(blocks)
     return blocks
+
+
+def _split_whole(name: str, members: tuple[str, ...], granularity: str) -> list[Block]:
+    # the embedding and the head are single modules already: only "matrix" splits them (e.g. GPT-2's wte and wpe)
+    if granularity == "matrix":
+        return [Block(n, (n,)) for n in members]
+    return [Block(name, members)]
+
+
+def _split_layer(layer: str, layer_module: nn.Module, members: tuple[str, ...], granularity: str) -> list[Block]:
+    if granularity == "layer":
+        return [Block(layer, members)]
+    if granularity == "matrix":
+        return [Block(n, (n,)) for n in members]
+    children = {name for name, _ in layer_module.named_children()}
+    groups: dict[str, list[str]] = {}
+    for n in members:
+        head = n[len(layer) + 1 :].split(".", 1)[0]
+        # parameters registered on the layer itself (not in a child module) form one block named after the layer
+        key = _join(layer, head) if head in children else layer
+        groups.setdefault(key, []).append(n)
+    return [Block(key, tuple(group)) for key, group in groups.items()]
+
+
+def enclosing_layers(module: nn.Module, param_names: Sequence[str]) -> list[str]:
+    """Paths of the repeated layers (children of :func:`find_layer_lists` containers) that hold ``param_names``.
+
+    A module- or matrix-sized block lives inside one layer; gradient checkpointing and FSDP wrap whole layers, so
+    they act on these paths. Parameters outside every layer (embedding, head) contribute nothing.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Module()
+        >>> net.layers = nn.ModuleList(nn.Sequential(nn.Linear(2, 2), nn.ReLU()) for _ in range(3))
+        >>> enclosing_layers(net, ["layers.2.0.weight", "layers.0.0.bias", "layers.2.0.bias"])
+        ['layers.2', 'layers.0']
+    """
+    found: dict[str, None] = {}
+    for path in find_layer_lists(module):
+        container = module.get_submodule(path)
+        layers = [_join(path, child) for child, _ in container.named_children()]
+        for name in param_names:
+            for layer in layers:
+                if matches_prefix(name, layer):
+                    found[layer] = None
+                    break
+    return list(found)
 
 
 def _check_disjoint(blocks: Sequence[Block]) -> None:

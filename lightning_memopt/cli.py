@@ -1,11 +1,13 @@
 """The ``lightning-memopt`` command: Lightning's CLI with this package's strategies registered.
 
 Run a recipe with ``lightning-memopt fit --config recipes/quickstart.yaml`` (or ``python -m lightning_memopt``);
-any key can be overridden on the command line, e.g. ``--trainer.max_steps 100``.
+any key can be overridden on the command line, e.g. ``--trainer.max_steps 100``. ``lightning-memopt export CKPT OUT``
+writes a checkpoint as a Hugging Face model directory or a safetensors file (:mod:`lightning_memopt.export`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -20,7 +22,10 @@ import lightning_memopt  # noqa: F401
 
 __all__ = ["MemoptCLI", "main"]
 
-_DESCRIPTION = "Memory-efficient full-parameter fine-tuning with PyTorch Lightning (BAdam and friends)."
+_DESCRIPTION = (
+    "Memory-efficient full-parameter fine-tuning with PyTorch Lightning (BAdam and friends). "
+    "`lightning-memopt export CKPT OUT` turns a checkpoint into a Hugging Face model or a safetensors file."
+)
 
 
 class MemoptCLI(LightningCLI):
@@ -74,8 +79,19 @@ class MemoptCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-memopt`` and ``python -m lightning_memopt``.
 
+    ``export`` is this package's own subcommand (see :mod:`lightning_memopt.export`); everything else goes to
+    LightningCLI (``fit``, ``validate``, ``test``, ``predict``).
+
     Example::
 
         >>> main(["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_steps", "10"])  # doctest: +SKIP
+        >>> main(["export", "last.ckpt", "exported/"])  # doctest: +SKIP
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv[:1] == ["export"]:
+        # dispatched before LightningCLI parses argv: its parser knows only the Trainer's subcommands
+        from lightning_memopt.export import main as export_main
+
+        export_main(list(argv[1:]))
+        return
     MemoptCLI(args=args)

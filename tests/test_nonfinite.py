@@ -70,3 +70,32 @@ def test_a_streak_of_nan_steps_stops_the_run_with_a_clear_error(tmp_path):
 def test_max_nonfinite_steps_is_validated():
     with pytest.raises(ValueError, match="max_nonfinite_steps must be an int >= 1"):
         BAdamStrategy(max_nonfinite_steps=0)
+
+
+def test_fp16_nan_loss_skips_the_step_and_lowers_the_scale(tmp_path):
+    """NaN (not only inf) under 16-true: the loss scaler skips the step and backs off; nothing NaN reaches a weight."""
+    scales: list[tuple[float, bool]] = []
+
+    class Scale(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            plugin = trainer.precision_plugin
+            scales.append((plugin.scaler.get_scale(), plugin.last_step_skipped))
+
+    snaps = Snapshots()
+    trainer = L.Trainer(
+        strategy=BAdamStrategy(),
+        precision="16-true",
+        max_steps=3,
+        callbacks=[BlockSwitch(order="fixed"), snaps, Scale()],
+        **trainer_kwargs(tmp_path),
+    )
+    trainer.fit(NaNLossAt({1}, hidden=16, n=6, batch_size=2))  # fp16 on CPU is slow: the smallest model
+    assert scales == [(2.0**16, False), (2.0**15, True), (2.0**15, False)]
+    w, m = snaps.weights, snaps.masters
+    for k in w[0]:
+        assert torch.equal(w[0][k], w[1][k]), k
+    for k in m[0]:
+        assert torch.equal(m[0][k], m[1][k]), k
+    assert any(not torch.equal(w[1][k], w[2][k]) for k in w[1])  # the next step trains again
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    assert all(torch.isfinite(t).all() for t in m[-1].values())

@@ -4,6 +4,15 @@ from lightning_memopt.callbacks.beta2_schedule import Beta2Schedule
 from lightning_memopt.callbacks.block_switch import BlockSwitch
 from lightning_memopt.callbacks.eight_bit import EightBitState, to_eight_bit
 from lightning_memopt.callbacks.relative_step import RelativeStepSize
+from lightning_memopt.callbacks.state_free import StateFreeUpdates
 from lightning_memopt.callbacks.update_clipping import UpdateClipping
 
-__all__ = ["Beta2Schedule", "BlockSwitch", "EightBitState", "RelativeStepSize", "UpdateClipping", "to_eight_bit"]
+__all__ = [
+    "Beta2Schedule",
+    "BlockSwitch",
+    "EightBitState",
+    "RelativeStepSize",
+    "StateFreeUpdates",
+    "UpdateClipping",
+    "to_eight_bit",
+]

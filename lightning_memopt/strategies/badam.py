@@ -9,6 +9,7 @@ are re-pointed at the active block's masters, so LR schedulers, ``LearningRateMo
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,7 +28,8 @@ from torch.optim import LBFGS, Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_memopt.blocks import Block, partition
+from lightning_memopt.blocks import GRANULARITIES, Block, Granularity, enclosing_layers, partition
+from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
 __all__ = ["BAdamStrategy", "BlockCoordinateMixin"]
@@ -58,7 +60,13 @@ class BlockCoordinateMixin(Strategy):
         keep_optimizer_state: bool,
         active_input_requires_grad: bool | None,
         max_nonfinite_steps: int,
+        granularity: Granularity = "layer",
     ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity={granularity!r} is not known; choose one of {', '.join(map(repr, GRANULARITIES))}."
+            )
+        self.granularity: Granularity = granularity
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be an int >= 1 but is: {max_nonfinite_steps!r}")
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -71,6 +79,7 @@ class BlockCoordinateMixin(Strategy):
         self.active_input_requires_grad = active_input_requires_grad
         self._blocks: list[Block] = []
         self._active: int | None = None
+        self._active_set: tuple[int, ...] = ()
         self._params: dict[str, nn.Parameter] = {}
         self._masters: dict[str, nn.Parameter] = {}
         self._group_members: list[list[str]] = []
@@ -90,35 +99,54 @@ class BlockCoordinateMixin(Strategy):
 
     @property
     def active_block(self) -> int | None:
-        """Index into :attr:`blocks` of the block being trained, or ``None`` before the first activation."""
+        """Index into :attr:`blocks` of the block being trained (the lowest one when several are active), or ``None``
+        before the first activation."""
         return self._active
+
+    @property
+    def active_blocks(self) -> tuple[int, ...]:
+        """Indices of all blocks being trained, ascending (one, unless a set was activated); empty before the first
+        activation."""
+        return self._active_set
+
+    @property
+    def param_group_names(self) -> list[list[str]]:
+        """For each param group of the optimizer, the names of the parameters it was configured with (active or not).
+
+        BAdam re-points ``param_groups`` at the active masters only; this says which group (and so which lr) a
+        parameter belongs to while it is inactive.
+        """
+        return [list(members) for members in self._group_members]
 
     @property
     def master_params(self) -> dict[str, nn.Parameter]:
         """The active block's FP32 master weights by parameter name (FP32 weights are their own masters)."""
         return dict(self._masters)
 
-    def activate(self, index: int) -> None:
-        """Make block ``index`` the trainable one.
+    def activate(self, index: int | Sequence[int]) -> None:
+        """Make block ``index`` the trainable one, or, given several indices, that set of blocks together.
 
-        The previous block's masters and optimizer state are dropped (its half weights already hold its last update),
-        FP32 masters are made from the new block's half weights, the optimizer's param groups are re-pointed at them
-        and only the new block's weights require grad. Activating the active block again does nothing.
+        The previous blocks' masters and optimizer state are dropped (their half weights already hold their last
+        update), FP32 masters are made from the new blocks' half weights, the optimizer's param groups are re-pointed
+        at them and only the new blocks' weights require grad. Activating the active block(s) again does nothing.
         """
         if not self._ready:
             raise RuntimeError(
                 "The BAdam strategy is not set up yet: blocks can be activated once trainer.fit() has started "
                 "(from a callback's on_fit_start or later)."
             )
-        if not 0 <= index < len(self._blocks):
-            raise IndexError(f"Block index {index} is out of range: the model has {len(self._blocks)} blocks.")
-        if index == self._active:
+        indices = (index,) if isinstance(index, int) else tuple(sorted(set(index)))
+        if not indices:
+            raise ValueError("activate() needs at least one block index.")
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._blocks):
+                raise IndexError(f"Block index {i!r} is out of range: the model has {len(self._blocks)} blocks.")
+        if indices == self._active_set:
             return
         optimizer = self._badam_optimizer()
         if self._active is not None:
             self._deactivate(optimizer)
-        block = self._blocks[index]
-        for name in block.param_names:
+        for name in (n for i in indices for n in self._blocks[i].param_names):
             param = self._params[name]
             param.grad = None
             param.requires_grad_(True)
@@ -136,14 +164,16 @@ class BlockCoordinateMixin(Strategy):
                         k: self._badam_like(v, master) if isinstance(v, Tensor) and v.shape == master.shape else v
                         for k, v in self._stash.pop(name).items()
                     }
-        self._active = index
+        self._active = indices[0]
+        self._active_set = indices
         self._update_input_hooks()
         for hook in list(self._activation_hooks.values()):
-            hook(self, index)
+            hook(self, self._active)
 
     def register_activation_hook(self, hook: Callable[[Any, int], None]) -> RemovableHandle:
         """Call ``hook(strategy, index)`` after every block activation (the new masters exist and the optimizer's param
-        groups point at them). Add-ons whose settings are keyed by parameter identity re-apply them here.
+        groups point at them). Add-ons whose settings are keyed by parameter identity re-apply them here. When a set of
+        blocks is active, ``index`` is the lowest; ``strategy.active_blocks`` has them all.
 
         Example::
 
@@ -173,6 +203,7 @@ class BlockCoordinateMixin(Strategy):
         for group in optimizer.param_groups:
             group["params"] = []
         self._active = None
+        self._active_set = ()
 
     def _badam_check_precision(self) -> None:
         self.precision_plugin = resolve_precision_plugin(self.precision_plugin)
@@ -203,6 +234,7 @@ class BlockCoordinateMixin(Strategy):
             block_regexes=self.block_regexes,
             include_embedding=self.include_embedding,
             include_lm_head=self.include_lm_head,
+            granularity=self.granularity,
         )
         self._params = dict(module.named_parameters())
         self._original_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
@@ -246,10 +278,19 @@ class BlockCoordinateMixin(Strategy):
                     self._disabled_input_grad_hooks.append(sub)
         self._ready = True
         sizes = [sum(self._params[n].numel() for n in b.param_names) for b in self._blocks]
+        explicit = self.block_prefixes is not None or self.block_regexes is not None
         rank_zero_info(
             f"BAdam: {len(self._blocks)} blocks of {min(sizes):,}-{max(sizes):,} parameters"
             + (f"; {len(outside)} parameters outside every block stay frozen (e.g. {outside[0]!r})" if outside else "")
         )
+        if outside and explicit:
+            # the automatic blocks leave the embedding, head and final norm out by design; explicit ones by mistake
+            rank_zero_warn(
+                f"BAdam: {len(outside)} trainable parameters are in none of the blocks given by block_prefixes / "
+                f"block_regexes and stay frozen for the whole run: {_first_names(outside)}. Add them to a block to "
+                "train them, or set requires_grad=False on them to say that they are frozen on purpose."
+            )
+        _warn_if_compiled(module, len(self._blocks))
 
     def _badam_grads_to_masters(self) -> None:
         for name, master in self._masters.items():
@@ -286,7 +327,8 @@ class BlockCoordinateMixin(Strategy):
             return
         module = self.lightning_module
         assert module is not None
-        for path in self._block_module_paths(self._blocks[self._active]):
+        paths = [path for i in self._active_set for path in self._block_module_paths(self._blocks[i])]
+        for path in dict.fromkeys(paths):
             sub = module.get_submodule(path)
             self._input_hooks.append(sub.register_forward_pre_hook(_make_input_require_grad, with_kwargs=True))
 
@@ -302,6 +344,9 @@ class BlockCoordinateMixin(Strategy):
     def _block_module_paths(self, block: Block) -> list[str]:
         module = self.lightning_module
         assert module is not None
+        if self.granularity != "layer":
+            # a module or matrix block lies inside a layer; reentrant checkpointing and FSDP units wrap whole layers
+            return enclosing_layers(module, block.param_names)
         paths = []
         for candidate in (p.strip() for p in block.name.split(" + ")):
             try:
@@ -437,6 +482,8 @@ class BlockCoordinateMixin(Strategy):
             "format": _CKPT_FORMAT,
             "block_names": [b.name for b in self._blocks],
             "active_block": self._active,
+            # a set of blocks (BlockSwitch's budget); checkpoints without this key hold one block
+            "active_blocks": list(self._active_set),
             "masters": masters,
         }
         if self.keep_optimizer_state:
@@ -456,21 +503,61 @@ class BlockCoordinateMixin(Strategy):
                 )
             raise MisconfigurationException(
                 f"The checkpoint was written with another BAdam block layout ({difference}). Resume with the same "
-                "block_prefixes / block_regexes / include_embedding / include_lm_head, or start a new run from the "
-                "checkpoint's weights only."
+                "block_prefixes / block_regexes / include_embedding / include_lm_head / granularity, or start a new "
+                "run from the checkpoint's weights only."
             )
         active = state.get("active_block")
-        if active is not None and active != self._active:
-            self.activate(int(active))
+        active_set = tuple(int(i) for i in state.get("active_blocks", [] if active is None else [active]))
+        if active_set and active_set != self._active_set:
+            self.activate(active_set)
         with torch.no_grad():
             for name, tensor in state.get("masters", {}).items():
                 if name not in self._masters:
                     raise MisconfigurationException(
-                        f"The checkpoint holds a master weight for {name!r}, which is not in the active block "
-                        f"{self._blocks[self._active].name if self._active is not None else None!r}."
+                        f"The checkpoint holds a master weight for {name!r}, which is not in the active block(s) "
+                        f"{[self._blocks[i].name for i in self._active_set]!r}."
                     )
                 self._masters[name].copy_(self._badam_like(tensor, self._masters[name]))
         self._stash = {n: dict(s) for n, s in state.get("stash", {}).items()}
+
+
+def _first_names(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _compiled_parts(module: nn.Module) -> list[str]:
+    """Where ``module`` is compiled: ``trainer.fit(torch.compile(model))``, ``torch.compile(submodule)`` or
+    ``submodule.compile()``."""
+    dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it: without it nothing can be compiled
+    if dynamo is None:
+        return []
+    found = []
+    if getattr(module, "_compiler_ctx", None) is not None:  # Lightning unwraps a compiled LightningModule in fit()
+        found.append("the LightningModule")
+    for name, sub in module.named_modules():
+        if isinstance(sub, dynamo.OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
+            found.append(repr(name) if name else "the LightningModule")
+    return list(dict.fromkeys(found))
+
+
+def _warn_if_compiled(module: nn.Module, num_blocks: int) -> None:
+    parts = _compiled_parts(module)
+    if not parts:
+        return
+    config = sys.modules["torch._dynamo"].config
+    # torch 2.6 renamed cache_size_limit to recompile_limit
+    setting = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(config, setting, "?")
+    rank_zero_warn(
+        f"BAdam: {', '.join(parts[:3])}{f' and {len(parts) - 3} more modules' if len(parts) > 3 else ''} "
+        f"{'is' if len(parts) == 1 else 'are'} compiled with torch.compile. Each block switch changes which "
+        "parameters require grad, which the compiled graph guards on, so torch.compile recompiles the first time "
+        f"each of the {num_blocks} blocks becomes active, and once it holds torch._dynamo.config.{setting} ({limit}) "
+        "versions it runs uncompiled. BAdam's memory saving does not need compilation: remove torch.compile, or set "
+        f"torch._dynamo.config.{setting} to at least the number of blocks ({num_blocks}) so that each block's graph "
+        "is compiled once and reused."
+    )
 
 
 def _make_input_require_grad(
@@ -500,6 +587,10 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block.
         include_embedding: with automatic blocks, also train the embeddings as a block of their own.
         include_lm_head: with automatic blocks, also train the output head as a block of its own.
+        granularity: with automatic blocks, ``"layer"`` (one block per repeated layer), ``"module"`` (per attention,
+            MLP, norm of each layer) or ``"matrix"`` (per parameter tensor); see
+            :func:`lightning_memopt.blocks.partition`. Finer blocks pair with ``BlockSwitch(order="importance",
+            budget=...)``, which activates several at a time.
         keep_optimizer_state: keep each block's optimizer state across switches (costs its memory for every visited
             block; the paper resets it).
         active_input_requires_grad: make the active block's input require grad, which reentrant gradient checkpointing
@@ -508,6 +599,8 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             warning; this many in a row stop the run with an error. (``16-true``'s loss scaler skips such steps and
             lowers its scale instead.)
         device: the device to train on; by default the one the Trainer's accelerator picked.
+        checkpoint_io: how checkpoint files are written; by default
+            :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
 
     Example::
 
@@ -527,6 +620,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         block_regexes: Sequence[str] | None = None,
         include_embedding: bool = False,
         include_lm_head: bool = False,
+        granularity: Granularity = "layer",
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
         max_nonfinite_steps: int = 5,
@@ -538,7 +632,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         super().__init__(
             device=device if device is not None else "cpu",
             accelerator=accelerator,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
         )
         self._device_given = device is not None
@@ -550,6 +644,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             keep_optimizer_state,
             active_input_requires_grad,
             max_nonfinite_steps,
+            granularity=granularity,
         )
 
     @override

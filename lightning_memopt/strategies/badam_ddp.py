@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import re
+import subprocess
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -17,6 +21,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_memopt.blocks import Granularity
+from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.strategies.badam import BlockCoordinateMixin
 
 __all__ = ["BAdamDDPStrategy"]
@@ -40,14 +46,20 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         block_regexes: explicit blocks as regular expressions.
         include_embedding: with automatic blocks, also train the embeddings as a block.
         include_lm_head: with automatic blocks, also train the output head as a block.
+        granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
+            :class:`~lightning_memopt.BAdamStrategy`).
         keep_optimizer_state: keep each block's optimizer state across switches.
         active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
         max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`; the decision is the same on every rank,
             since the gradients are checked after the all-reduce.
         bucket_cap_mb: size of the all-reduce buckets of master gradients, in MiB.
         process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
-        timeout: process group timeout; a rank that dies makes the others fail after this long.
+        timeout: process group timeout: a rank that hangs makes the others fail after this long (one that dies
+            usually makes them fail at once). Their error then says that another rank stopped and names this setting;
+            processes this one launched that are still running are stopped when it exits.
         start_method: how Lightning launches processes (``"popen"`` re-runs the script, as torchrun does).
+        checkpoint_io: how rank 0 writes checkpoint files; by default
+            :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
 
     Example::
 
@@ -66,6 +78,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         block_regexes: Sequence[str] | None = None,
         include_embedding: bool = False,
         include_lm_head: bool = False,
+        granularity: Granularity = "layer",
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
         max_nonfinite_steps: int = 5,
@@ -85,7 +98,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -100,6 +113,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             keep_optimizer_state,
             active_input_requires_grad,
             max_nonfinite_steps,
+            granularity=granularity,
         )
 
     @override
@@ -130,6 +144,28 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         if bucket:
             _all_reduce_mean(bucket, world)
 
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if not _lost_another_rank(exception):
+            return
+        procs = list(getattr(self.launcher, "procs", None) or [])
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        step = trainer.global_step if trainer is not None else None
+        message = (
+            f"BAdamDDPStrategy: rank {self.global_rank} of {self.world_size} lost contact with the other ranks"
+            + (f" at step {step}" if step is not None else "")
+            + ": another rank stopped (an error, a kill, the out-of-memory killer) or hangs. "
+            + _children_status(procs)
+            + "That rank's own log shows why. A rank that hangs holds the others until the process group timeout "
+            f"({self._timeout}) runs out; set it with BAdamDDPStrategy(timeout=datetime.timedelta(minutes=N))."
+        )
+        exception.args = (f"{message}\nOriginal error: {exception.args[0] if exception.args else ''}",)
+        if procs:
+            # Lightning stops the other local ranks only when one of *them* fails; a hung one would outlive this one.
+            # At exit, after the traceback is printed (Lightning's process observer SIGKILLs us once a child is gone).
+            atexit.register(_kill_running, procs)
+
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -137,6 +173,45 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             strategy_registry.register(
                 cls.strategy_name, cls, description="BAdam block coordinate descent, data parallel over devices"
             )
+
+
+# gloo, NCCL and c10d name themselves in their errors (a DataLoader's "timed out" must not count) ...
+_DISTRIBUTED = re.compile(r"gloo|nccl|ProcessGroup|c10d", re.IGNORECASE)
+# ... and these say the peer is gone or silent (NCCL's own local failures, "unhandled cuda error", do not)
+_PEER_LOST = re.compile(r"connection (closed|reset)|timed out|timeout|remote process|by peer|abort", re.IGNORECASE)
+
+
+def _lost_another_rank(exception: BaseException) -> bool:
+    if isinstance(exception, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    if not isinstance(exception, RuntimeError):  # DistBackendError is one
+        return False
+    message = str(exception)
+    return bool(_DISTRIBUTED.search(message)) and bool(_PEER_LOST.search(message))
+
+
+def _children_status(procs: list[subprocess.Popen]) -> str:
+    notes = []
+    # a rank that just died may not have exited yet when its closed socket reaches us: give them 2 s together
+    deadline = time.monotonic() + 2.0
+    for local_rank, proc in enumerate(procs, start=1):
+        try:
+            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            notes.append(
+                f"local rank {local_rank} (PID {proc.pid}) is still running (it is stopped when this one exits)"
+            )
+        else:
+            if code != 0:
+                notes.append(f"local rank {local_rank} (PID {proc.pid}) exited with code {code}")
+    return ("On this node, " + "; ".join(notes) + ". ") if notes else ""
+
+
+def _kill_running(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _all_reduce_mean(grads: list[Tensor], world: int) -> None:

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_memopt.blocks import Granularity
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies.badam import BlockCoordinateMixin
 
@@ -50,6 +51,9 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         block_regexes: explicit blocks as regular expressions.
         include_embedding: with automatic blocks, also train the embeddings as a block.
         include_lm_head: with automatic blocks, also train the output head as a block.
+        granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
+            :class:`~lightning_memopt.BAdamStrategy`). The FSDP units stay whole layers whatever the granularity: a
+            finer block is a part of its layer's unit (FSDP2 reduce-scatters the gradients of just that part).
         keep_optimizer_state: keep each block's optimizer state across switches.
         active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
         max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`.
@@ -76,6 +80,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         block_regexes: Sequence[str] | None = None,
         include_embedding: bool = False,
         include_lm_head: bool = False,
+        granularity: Granularity = "layer",
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
         max_nonfinite_steps: int = 5,
@@ -110,6 +115,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             keep_optimizer_state,
             active_input_requires_grad,
             max_nonfinite_steps,
+            granularity=granularity,
         )
 
     @override
@@ -137,6 +143,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             block_regexes=self.block_regexes,
             include_embedding=self.include_embedding,
             include_lm_head=self.include_lm_head,
+            granularity=self.granularity,
         )
         units: list[nn.Module] = []
         for block in blocks:

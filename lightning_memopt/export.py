@@ -1,0 +1,386 @@
+"""``lightning-memopt export``: a training checkpoint as a model that loads without Lightning or this package.
+
+Two outputs:
+
+- ``safetensors``: the LightningModule's ``state_dict`` in ``OUT/model.safetensors`` (key names as in the module,
+  e.g. ``model.model.layers.0.self_attn.q_proj.weight``). It needs only the checkpoint. Tensors that share memory in
+  the module (tied embeddings) are stored once per name, and the file's metadata records the pairs under ``shared``.
+- ``hf``: when the LightningModule wraps a Hugging Face ``transformers`` model (like
+  :class:`~lightning_memopt.lm.CausalLM`), that model's ``save_pretrained`` directory, which
+  ``AutoModelForCausalLM.from_pretrained(OUT)`` loads. Rebuilding the module needs its class and arguments, from
+  (first that applies) ``--module`` with ``--config`` or the checkpoint's hyper-parameters; ``--config``; the
+  ``_class_path`` LightningCLI stores in the hyper-parameters of modules that call ``save_hyperparameters()``; or the
+  ``config.yaml`` LightningCLI saved next to the run (the checkpoint's folder or the one above it).
+
+``--format auto`` (the default) writes ``hf`` when the module can be rebuilt and wraps one transformers model, and
+``safetensors`` otherwise.
+
+The checkpoint is read with ``torch.load(weights_only=True)``: nothing in it is executed. The module class it names is
+imported and constructed (as ``LightningModule.load_from_checkpoint`` does), and only when it is a LightningModule
+subclass; a module that loads pretrained weights in ``__init__`` (``CausalLM(model_path=...)``) reads them once more.
+
+Example::
+
+    lightning-memopt export runs/lightning_logs/version_0/checkpoints/last.ckpt exported/
+    lightning-memopt export last.ckpt exported/ --format safetensors --dtype bfloat16
+    lightning-memopt export last.ckpt exported/ --module lightning_memopt.lm.CausalLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pickle
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+__all__ = [
+    "DTYPES",
+    "ExportError",
+    "build_module",
+    "export_checkpoint",
+    "find_transformers_model",
+    "load_checkpoint",
+    "main",
+    "module_spec",
+    "save_safetensors",
+]
+
+Format = Literal["auto", "hf", "safetensors"]
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""``--dtype`` choices: ``auto`` keeps the dtype the checkpoint's weights have (the training precision)."""
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked; the message says what to pass instead."""
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a Lightning checkpoint safely (``weights_only=True``, memory-mapped) and check that it holds weights.
+
+    Example::
+
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "tiny.ckpt"
+        >>> torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)
+        >>> sorted(load_checkpoint(path)["state_dict"])
+        ['w']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"No checkpoint file at {str(path)!r}.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ExportError(
+            f"{str(path)!r} holds objects other than tensors and plain containers, which weights_only=True refuses to "
+            f"load: it was not written by Lightning from a plain module, or was tampered with. ({err})"
+        ) from err
+    except RuntimeError as err:
+        # not a zip-format torch file, or a truncated one
+        raise ExportError(f"{str(path)!r} is not a readable torch checkpoint: {err}") from err
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ExportError(
+            f"{str(path)!r} holds no 'state_dict': it is not a Lightning checkpoint (a file written by "
+            "Trainer.save_checkpoint or ModelCheckpoint)."
+        )
+    return dict(checkpoint)
+
+
+def save_safetensors(
+    state_dict: Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``state_dict`` to a safetensors file, converting floating tensors to ``dtype`` if given.
+
+    safetensors refuses tensors that share memory; each name gets its own copy here (a tied embedding is stored twice)
+    and the metadata's ``shared`` entry (JSON) maps each copy to the first name that held it, so a loader can tie them
+    again. The file is written under a temporary name and renamed, so it is never half-written.
+
+    Example::
+
+        >>> import tempfile
+        >>> from safetensors.torch import load_file
+        >>> emb = torch.ones(4, 2)
+        >>> path = save_safetensors({"embed": emb, "head": emb}, Path(tempfile.mkdtemp()) / "m.safetensors")
+        >>> sorted(load_file(path))
+        ['embed', 'head']
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError as err:
+        raise ExportError(
+            "Exporting needs the safetensors package: pip install 'lightning-memopt[recipes]' (or safetensors)."
+        ) from err
+
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    first_of_view: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+    shared: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, Tensor):
+            raise ExportError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor.")
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        view = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if view in first_of_view:
+            shared[name] = first_of_view[view]
+        first_of_view.setdefault(view, name)
+        if view[0] in storages or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    info = {"format": "pt", **(metadata or {})}
+    if shared:
+        info["shared"] = json.dumps(shared)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=info)
+    os.replace(partial, path)
+    return path
+
+
+def module_spec(
+    checkpoint: Mapping[str, Any],
+    checkpoint_path: str | os.PathLike[str],
+    module: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+) -> tuple[str, dict[str, Any], str] | None:
+    """Which LightningModule class (dotted path) and arguments rebuild the checkpoint's module, and where that came
+    from; ``None`` when nothing says (see the module docstring for the order of the sources).
+
+    Example::
+
+        >>> module_spec({"hyper_parameters": {"lr": 0.1}}, "x.ckpt", module="lightning_memopt.lm.CausalLM")
+        ('lightning_memopt.lm.CausalLM', {'lr': 0.1}, "--module and the checkpoint's hyper-parameters")
+    """
+    hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+    class_path = hparams.pop("_class_path", None)
+    if config is not None:
+        config_class, init_args = _read_cli_config(Path(config))
+        if module is not None:
+            return module, init_args, "--module and --config"
+        if config_class is None:
+            raise ExportError(
+                f"The model section of {str(config)!r} names no class_path (the CLI was given the class); pass "
+                "--module package.ModuleClass too."
+            )
+        return config_class, init_args, f"--config {config}"
+    if module is not None:
+        return module, hparams, "--module and the checkpoint's hyper-parameters"
+    if class_path is not None:
+        return str(class_path), hparams, "the checkpoint's hyper-parameters (LightningCLI's _class_path)"
+    here = Path(checkpoint_path).resolve().parent
+    for candidate in (here / "config.yaml", here.parent / "config.yaml"):
+        if candidate.is_file():
+            found_class, init_args = _read_cli_config(candidate)
+            if found_class is not None:
+                return found_class, init_args, str(candidate)
+    return None
+
+
+def _read_cli_config(path: Path) -> tuple[str | None, dict[str, Any]]:
+    if not path.is_file():
+        raise ExportError(f"No config file at {str(path)!r}.")
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    model = config.get("model")
+    if not isinstance(model, Mapping):
+        raise ExportError(f"{str(path)!r} has no 'model' section: it is not a LightningCLI config.yaml.")
+    if "class_path" in model:
+        return str(model["class_path"]), dict(model.get("init_args") or {})
+    return None, dict(model)
+
+
+def build_module(class_path: str, init_args: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> LightningModule:
+    """Construct ``class_path(**init_args)`` (a LightningModule subclass) and load ``state_dict`` into it, strictly.
+
+    Nested ``class_path``/``init_args`` arguments are instantiated as LightningCLI does.
+    """
+    from lightning.pytorch.cli import instantiate_module
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ExportError(
+            f"Cannot import the module class {class_path!r}: {err}. Install its package, pass the right --module, or "
+            "export the weights alone with --format safetensors."
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise ExportError(f"{class_path!r} is not a LightningModule subclass; pass --module package.ModuleClass.")
+    try:
+        module = instantiate_module(cls, dict(init_args))
+    except Exception as err:
+        raise ExportError(
+            f"Could not construct {class_path} from the arguments {dict(init_args)!r}: {err}. Pass the run's --config, "
+            "or export the weights alone with --format safetensors."
+        ) from err
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise ExportError(
+            f"The checkpoint's weights do not fit {class_path} built with {dict(init_args)!r}: it was written by "
+            f"another model or configuration. Pass the run's --config or the right --module. ({err})"
+        ) from err
+    return module
+
+
+def find_transformers_model(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The outermost Hugging Face ``PreTrainedModel`` inside ``module``, with its attribute path; ``None`` when there
+    is none. Several side by side are ambiguous and raise an :class:`ExportError`.
+
+    Example::
+
+        >>> from lightning_memopt.lm import CausalLM
+        >>> find_transformers_model(CausalLM(config={"num_hidden_layers": 1}))[0]
+        'model'
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, PreTrainedModel)]
+    outermost = [(n, m) for n, m in found if not any(n != o and (o == "" or n.startswith(o + ".")) for o, _ in found)]
+    if len(outermost) > 1:
+        names = ", ".join(repr(n) for n, _ in outermost)
+        raise ExportError(f"The module holds several transformers models ({names}); use --format safetensors.")
+    return outermost[0] if outermost else None
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    format: Format = "auto",
+    module: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    dtype: str = "auto",
+) -> Path:
+    """Export a Lightning checkpoint to ``out`` (a directory) and return the path written (a file or ``out``).
+
+    Args:
+        checkpoint_path: a ``.ckpt`` written by ``ModelCheckpoint`` or ``trainer.save_checkpoint``.
+        out: output directory (created).
+        format: ``"hf"``, ``"safetensors"`` or ``"auto"`` (see the module docstring).
+        module: dotted path of the LightningModule class, if the checkpoint does not name it.
+        config: LightningCLI ``config.yaml`` of the run (its ``model:`` section builds the module).
+        dtype: ``"auto"`` (as trained) or one of ``"float32"``, ``"bfloat16"``, ``"float16"``.
+
+    Example::
+
+        >>> export_checkpoint("last.ckpt", "exported", module="lightning_memopt.lm.CausalLM")  # doctest: +SKIP
+        PosixPath('exported')
+    """
+    if format not in ("auto", "hf", "safetensors"):
+        raise ExportError(f"format={format!r} is not known; choose 'auto', 'hf' or 'safetensors'.")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r} is not known; choose one of {', '.join(DTYPES)}.")
+    checkpoint = load_checkpoint(checkpoint_path)
+    state_dict: dict[str, Tensor] = dict(checkpoint["state_dict"])
+    out = Path(out)
+    metadata = {"source": Path(checkpoint_path).name, "global_step": str(checkpoint.get("global_step", ""))}
+    spec = None if format == "safetensors" else module_spec(checkpoint, checkpoint_path, module, config)
+    if spec is None:
+        if format == "hf":
+            raise ExportError(
+                "An 'hf' export rebuilds the LightningModule, but nothing names its class: pass --module "
+                "package.ModuleClass (its arguments then come from the checkpoint's hyper-parameters) or --config "
+                "with the run's LightningCLI config.yaml. --format safetensors needs neither."
+            )
+        return _write_safetensors(state_dict, out, DTYPES[dtype], metadata)
+    class_path, init_args, source = spec
+    rank_zero_info(f"export: building {class_path} from {source}")
+    lightning_module = build_module(class_path, init_args, state_dict)
+    inner = find_transformers_model(lightning_module)
+    if inner is None:
+        if format == "hf":
+            raise ExportError(
+                f"{class_path} holds no transformers PreTrainedModel, so there is nothing for save_pretrained; "
+                "use --format safetensors."
+            )
+        return _write_safetensors(state_dict, out, DTYPES[dtype], metadata)
+    prefix, hf_model = inner
+    left_out = [n for n in lightning_module.state_dict() if prefix and not n.startswith(prefix + ".")]
+    if left_out:
+        rank_zero_warn(
+            f"export: {len(left_out)} tensors of {class_path} lie outside its transformers model {prefix!r} and are "
+            f"not in the Hugging Face export (e.g. {left_out[0]!r}). Use --format safetensors to keep everything."
+        )
+    target = DTYPES[dtype] or _dominant_dtype(state_dict)
+    if target is not None:
+        hf_model.to(target)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out)  # type: ignore[operator]
+    rank_zero_info(f"export: wrote a Hugging Face model ({type(hf_model).__name__}, {target}) to {out}")
+    return out
+
+
+def _write_safetensors(
+    state_dict: Mapping[str, Tensor], out: Path, dtype: torch.dtype | None, metadata: Mapping[str, str]
+) -> Path:
+    path = save_safetensors(state_dict, out / "model.safetensors", dtype=dtype, metadata=metadata)
+    rank_zero_info(f"export: wrote {len(state_dict)} tensors to {path}")
+    return path
+
+
+def _dominant_dtype(state_dict: Mapping[str, Tensor]) -> torch.dtype | None:
+    # the training precision: under bf16-true every weight is bf16; a module rebuilt in FP32 would otherwise double
+    counts = Counter(t.dtype for t in state_dict.values() if isinstance(t, Tensor) and t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``lightning-memopt export CKPT OUT [options]`` (the CLI dispatches here before LightningCLI sees argv).
+
+    Example::
+
+        >>> main(["last.ckpt", "exported", "--format", "safetensors"])  # doctest: +SKIP
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-memopt export",
+        description="Export a training checkpoint as a Hugging Face model directory or a safetensors file.",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file written during or after training")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument(
+        "--format",
+        choices=["auto", "hf", "safetensors"],
+        default="auto",
+        help="hf: save_pretrained of the wrapped transformers model; safetensors: OUT/model.safetensors with the "
+        "LightningModule's state_dict; auto (default): hf when possible",
+    )
+    parser.add_argument("--module", help="dotted path of the LightningModule class, e.g. lightning_memopt.lm.CausalLM")
+    parser.add_argument("--config", help="the run's LightningCLI config.yaml (found next to the checkpoint otherwise)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weight dtype (auto: as trained)")
+    args = parser.parse_args(argv)
+    try:
+        written = export_checkpoint(args.checkpoint, args.out, args.format, args.module, args.config, args.dtype)
+    except ExportError as err:
+        parser.exit(2, f"lightning-memopt export: error: {err}\n")
+    print(written)
