@@ -92,6 +92,7 @@ class StorageLedger:
     @staticmethod
     def key(tensor: Tensor) -> tuple[str, int] | None:
         """``(device, data_ptr)`` of the tensor's storage, or ``None`` for a tensor without memory (meta, empty)."""
+        tensor = _local(tensor)
         if tensor.device.type == "meta":
             return None
         storage = tensor.untyped_storage()
@@ -109,9 +110,15 @@ class StorageLedger:
         if key is None or key in self._seen:
             return 0
         self._seen.add(key)
-        nbytes = tensor.untyped_storage().nbytes()
+        nbytes = _local(tensor).untyped_storage().nbytes()
         self.bytes_by_device[key[0]] = self.bytes_by_device.get(key[0], 0) + nbytes
         return nbytes
+
+
+def _local(tensor: Tensor) -> Tensor:
+    # a sharded DTensor (badam_fsdp) holds only its local shard on this rank: that is what this rank pays for
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 @dataclass(frozen=True)
@@ -301,7 +308,7 @@ def optimizer_state_bytes(
         >>> optimizer_state_bytes(torch.optim.Adafactor([p]), p)  # row (10) + column (20) variances + step
         124
     """
-    numel, size = param.numel(), param.element_size()
+    numel, size = _local(param).numel(), param.element_size()
     bnb_states = _bnb_state_count(optimizer)
     if bnb_states is not None:
         group = optimizer.param_groups[group_index]
@@ -416,11 +423,11 @@ def predict_memory(
     params = _unique_params(module)
     weight_storages = StorageLedger()
     weights = sum(weight_storages.add(p) for _, p in params)
-    numel = sum(p.numel() for _, p in params)
+    numel = sum(_local(p).numel() for _, p in params)
     buffers = StorageLedger()
     buffer_bytes = sum(buffers.add(b) for b in module.buffers() if b not in weight_storages)
     own_masters = [m for m in masters.values() if m not in weight_storages]
-    master_bytes = sum(m.numel() * 4 for m in own_masters)
+    master_bytes = sum(_local(m).numel() * 4 for m in own_masters)
     notes: list[str] = []
 
     trained: list[Tensor] = []
@@ -437,7 +444,7 @@ def predict_memory(
         if p.requires_grad and id(p) not in seen and name not in masters and id(p) not in master_ids:
             seen.add(id(p))
             trained.append(p)
-    grads = sum(p.numel() * p.element_size() for p in trained)
+    grads = sum(_local(p).numel() * p.element_size() for p in trained)
 
     state = 0
     for optimizer in optimizers:
@@ -449,7 +456,7 @@ def predict_memory(
                 + ("taken as accounted." if accounted is not None else "predicted as 0.")
             )
         state += predicted
-    trained_numel = sum(p.numel() for p in trained)
+    trained_numel = sum(_local(p).numel() for p in trained)
 
     # the closed form, in bytes per parameter
     weight_size = weights / numel if numel else 0.0

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).parent))
 from models import LlamaModule, token_loader
 
-from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, BlockSwitch
+from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, BlockSwitch, MemoryReport
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,8 @@ def main() -> None:
     else:
         strategy = BAdamStrategy()
     record = Record()
-    callbacks: list[Callback] = [BlockSwitch(every=args.every, order=args.order, seed=7), record]
+    memory = MemoryReport(every_n_steps=1, count_other=False, filename=None)
+    callbacks: list[Callback] = [BlockSwitch(every=args.every, order=args.order, seed=7), record, memory]
     if args.ckpt_out:
         # written during fit at the last step (a checkpoint saved after fit resumes on an extra batch in Lightning)
         target = Path(args.ckpt_out)
@@ -208,6 +209,7 @@ def main() -> None:
             "masters": record.masters,
             "state": record.state,
             "block_names": [b.name for b in trainer.strategy.blocks],
+            "memory": {k: v for k, v in (memory.report or {}).items() if isinstance(v, int)},
         },
         out / f"rank{trainer.global_rank}.pt",
     )

@@ -374,7 +374,7 @@ class LBFGSModule(LlamaModule):
     ("module_cls", "precision", "match"),
     [
         (ManualModule, "bf16-true", "automatic optimization"),
-        (TwoOptimizers, "bf16-true", "multiple optimizers"),
+        (TwoOptimizers, "bf16-true", "exactly one optimizer.*param groups"),
         (LBFGSModule, "bf16-true", "LBFGS"),
         (LlamaModule, "bf16-mixed", "bf16-true"),
         (LlamaModule, "16-mixed", "no weight memory"),
@@ -494,3 +494,13 @@ def test_backward_stops_at_the_active_block_under_hf_checkpointing(tmp_path):
     assert below_requires_grad and not any(below_requires_grad)  # nothing below the active layer joins backward
     assert hooks_during_fit == [0, 0]
     assert hf._require_grads_hooks  # given back after fit
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_fix(tmp_path):
+    trainer = L.Trainer(strategy="badam", precision="bf16-true", max_steps=1, **trainer_kwargs(tmp_path))
+    trainer.fit(LlamaModule(num_layers=2))
+    path = tmp_path / "two_layers.ckpt"
+    trainer.save_checkpoint(path)
+    other = L.Trainer(strategy="badam", precision="bf16-true", max_steps=2, **trainer_kwargs(tmp_path))
+    with pytest.raises(MisconfigurationException, match="another model or configuration.*without ckpt_path"):
+        other.fit(LlamaModule(num_layers=3), ckpt_path=path)

@@ -45,6 +45,12 @@ def test_sharded_run_matches_single_device_and_ranks_agree(tmp_path, precision, 
     # per rank, the half weights and the active block's masters are sharded 1/2
     assert [2 * b for b in r0["local_master_bytes"]] == single["local_master_bytes"]
     assert 2 * r0["local_weight_bytes"][0] == single["local_weight_bytes"][0]
+    # MemoryReport, per rank, shows the same: half the weights, masters, gradients and Adam moments
+    mem, ref = r0["memory"], single["memory"]
+    for key in ("weights", "masters", "grads"):
+        assert 2 * mem[key] == ref[key], key
+    assert mem["optimizer_state"] < 0.51 * ref["optimizer_state"]  # (+ the unsharded step scalars)
+    assert mem["predicted"] == mem["total"]
 
 
 def test_clipping_uses_the_global_norm(tmp_path):

@@ -170,7 +170,9 @@ def test_resuming_a_checkpoint_not_written_by_badam_says_how_to_start_from_its_w
 
 def test_resuming_another_models_checkpoint_names_the_mismatch(tmp_path):
     path = _checkpoint(tmp_path, BAdamStrategy(), num_layers=3)
-    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"model.model.layers.2"):
+    with pytest.raises(
+        MisconfigurationException, match=r"(?s)another model.*Unexpected key\(s\) in state_dict: \"model.model.layers.2"
+    ):
         _trainer(tmp_path, limit_train_batches=None, max_steps=2).fit(
             LlamaModule(num_layers=2, hidden=16, n=4), ckpt_path=path
         )

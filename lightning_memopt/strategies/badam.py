@@ -392,6 +392,32 @@ class BlockCoordinateMixin(Strategy):
             self._badam_setup(trainer)
 
     @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        try:
+            super().setup_optimizers(trainer)
+        except RuntimeError as err:
+            if "multiple optimizers" not in str(err):
+                raise
+            # Lightning's advice (manual optimization) is no way out here: BAdam needs automatic optimization
+            raise MisconfigurationException(
+                "BAdam drives exactly one optimizer, but configure_optimizers returned several. Return a single "
+                "optimizer and use param groups for different learning rates or weight decay."
+            ) from err
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        try:
+            super().load_model_state_dict(checkpoint, strict=strict)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            raise MisconfigurationException(
+                "The checkpoint's weights do not fit this LightningModule (missing, unexpected or differently shaped "
+                "parameters: see below), so it comes from another model or configuration. Resume with the model the "
+                f"checkpoint was written with, or start a new run without ckpt_path.\n{err}"
+            ) from err
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         self._badam_grads_to_masters()
