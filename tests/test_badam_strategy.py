@@ -502,5 +502,5 @@ def test_checkpoint_of_another_model_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "two_layers.ckpt"
     trainer.save_checkpoint(path)
     other = L.Trainer(strategy="badam", precision="bf16-true", max_steps=2, **trainer_kwargs(tmp_path))
-    with pytest.raises(MisconfigurationException, match="another model or configuration.*without ckpt_path"):
+    with pytest.raises(MisconfigurationException, match=r"another model or configuration.*without ckpt_path"):
         other.fit(LlamaModule(num_layers=3), ckpt_path=path)
