@@ -16,3 +16,15 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _isolate_distributed_state():
+    """An in-process Trainer with a distributed strategy sets MASTER_PORT & co. in os.environ (and may open a process
+    group); a later DDP launch from the same xdist worker would inherit the port and its second rank fail to bind."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
