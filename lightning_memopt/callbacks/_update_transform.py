@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -418,7 +419,7 @@ def _refuse_shards(step: StepContext) -> None:
         )
 
 
-class TransformCallback(Callback):
+class TransformCallback(Callback, ABC):
     """Base of the callbacks that act through :class:`UpdateTransforms`: one rule per optimizer of the Trainer.
 
     The rules are made at the first training batch, not in ``on_fit_start``: callbacks such as
@@ -432,13 +433,13 @@ class TransformCallback(Callback):
         self._attached_to: list[int] = []
         self._pending: list[dict[str, Any]] | None = None
 
+    @abstractmethod
     def make_rule(self, optimizer: Optimizer) -> UpdateTransform:
         """The rule this callback applies to ``optimizer`` (it raises if the optimizer is not supported).
 
         Without a Trainer, ``UpdateTransforms.attach(optimizer, callback.make_rule(optimizer))`` applies it to a plain
         PyTorch loop.
         """
-        raise NotImplementedError
 
     @property
     def rules(self) -> list[UpdateTransform]:
