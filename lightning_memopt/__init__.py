@@ -20,6 +20,7 @@ from lightning_memopt.callbacks import (
     BlockSwitch,
     EightBitState,
     RelativeStepSize,
+    SampleGeneration,
     StateFreeUpdates,
     UpdateClipping,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MasterGradScalerPrecision",
     "MemoryReport",
     "RelativeStepSize",
+    "SampleGeneration",
     "StateFreeUpdates",
     "UpdateClipping",
     "__version__",

@@ -8,6 +8,9 @@ writes a checkpoint as a Hugging Face model directory or a safetensors file (:mo
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from functools import partial, update_wrapper
+from types import MethodType
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -39,6 +42,9 @@ class MemoptCLI(LightningCLI):
       fine-tuning recipes count warmup and cosine decay in steps and often run less than one epoch.
       ``ReduceLROnPlateau`` still steps per epoch, on its ``monitor``.
     - The seed defaults to 0, and re-running into the same directory overwrites the saved ``config.yaml``.
+    - The ``optimizer:`` section's optimizer trains the parameters the module holds when the strategy asks for it.
+      (LightningCLI builds it from ``model.parameters()`` while parsing, before a sharding strategy such as
+      ``badam_fsdp`` replaces the parameters with sharded ones, which left it holding the stale, unsharded tensors.)
 
     Example::
 
@@ -66,6 +72,15 @@ class MemoptCLI(LightningCLI):
             **kwargs,
         )
 
+    @override
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        configured = getattr(self.model, "configure_optimizers", None)
+        generated = getattr(configured, "__func__", None)
+        if isinstance(generated, partial) and isinstance(generated.keywords.get("optimizer"), Optimizer):
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self.model.configure_optimizers = MethodType(_with_current_parameters(generated, names), self.model)
+
     @staticmethod
     @override
     def configure_optimizers(
@@ -74,6 +89,21 @@ class MemoptCLI(LightningCLI):
         if lr_scheduler is None or isinstance(lr_scheduler, ReduceLROnPlateau):
             return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+
+def _with_current_parameters(generated: partial[Any], names: dict[int, str]) -> Callable[[LightningModule], Any]:
+    """LightningCLI's generated ``configure_optimizers``, re-pointing its (not yet stepped) optimizer's param groups at
+    the module's parameters of the same names first."""
+
+    def configure_optimizers(lightning_module: LightningModule) -> Any:
+        optimizer: Optimizer = generated.keywords["optimizer"]
+        current = dict(lightning_module.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [current.get(names.get(id(p), ""), p) for p in group["params"]]
+        return generated(lightning_module)
+
+    update_wrapper(configure_optimizers, generated)  # keeps `is_overridden` seeing the CLI's method
+    return configure_optimizers
 
 
 def main(args: ArgsType = None) -> None:

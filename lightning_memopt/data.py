@@ -16,7 +16,7 @@ import os
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -28,6 +28,7 @@ __all__ = [
     "EOS_BYTE",
     "TEXT_SUFFIXES",
     "VOCAB_SIZE",
+    "InstructionDataModule",
     "TextDataModule",
     "TokenWindows",
     "default_corpus_paths",
@@ -56,22 +57,23 @@ def default_corpus_paths() -> list[str]:
     return [sysconfig.get_paths()["stdlib"]]
 
 
-def _walk_text_files(directory: Path) -> Iterator[Path]:
+def _walk_text_files(directory: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith("."))
         for name in sorted(files):
-            if name.endswith(TEXT_SUFFIXES):
+            if name.endswith(suffixes):
                 yield Path(root, name)
 
 
-def find_text_files(paths: Sequence[str]) -> list[Path]:
+def find_text_files(paths: Sequence[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
     """Expand files, directories (recursively) and glob patterns into a deterministic list of text files.
 
     Entries keep the order given; the files one directory or glob yields are sorted. Directories skip hidden folders,
-    ``__pycache__`` and installed packages (``site-packages``). A file listed twice is read once.
+    ``__pycache__`` and installed packages (``site-packages``). A file listed twice is read once. Only files whose
+    name ends with one of ``suffixes`` are found.
 
     Raises:
-        FileNotFoundError: if an entry matches no file with a suffix in :data:`TEXT_SUFFIXES`.
+        FileNotFoundError: if an entry matches no file with one of the ``suffixes``.
         ValueError: if an explicitly named file has another suffix.
 
     Example::
@@ -89,16 +91,17 @@ def find_text_files(paths: Sequence[str]) -> list[Path]:
             for match in sorted(glob.glob(expanded, recursive=True)):
                 path = Path(match)
                 if path.is_dir():
-                    matches.extend(_walk_text_files(path))
-                elif path.is_file() and path.name.endswith(TEXT_SUFFIXES):
+                    matches.extend(_walk_text_files(path, suffixes))
+                elif path.is_file() and path.name.endswith(suffixes):
                     matches.append(path)
         elif os.path.isdir(expanded):
-            matches = list(_walk_text_files(Path(expanded)))
+            matches = list(_walk_text_files(Path(expanded), suffixes))
         elif os.path.isfile(expanded):
-            if not expanded.endswith(TEXT_SUFFIXES):
+            if not expanded.endswith(suffixes):
                 raise ValueError(
-                    f"Cannot read {entry!r}: supported file types are {', '.join(TEXT_SUFFIXES)}."
-                    " Convert it (JSON records to one object per line in a .jsonl file), or rename a plain-text file."
+                    f"Cannot read {entry!r}: supported file types are {', '.join(suffixes)}."
+                    " Convert it (JSON records to one object per line in a .jsonl file), or rename a file that"
+                    " already has one of these formats."
                 )
             matches = [Path(expanded)]
         else:
@@ -108,7 +111,7 @@ def find_text_files(paths: Sequence[str]) -> list[Path]:
             )
         if not matches:
             raise FileNotFoundError(
-                f"Data path {entry!r} matched no {'/'.join(TEXT_SUFFIXES)} files. Point `paths` at a directory or"
+                f"Data path {entry!r} matched no {'/'.join(suffixes)} files. Point `paths` at a directory or"
                 " glob that contains some, or remove the entry."
             )
         for path in matches:
@@ -397,3 +400,18 @@ class TextDataModule(LightningDataModule):
         if self.val_fraction == 0:
             return []
         return self._loader(self.val_set, shuffle=False)
+
+
+if TYPE_CHECKING:
+    from lightning_memopt.instruct import InstructionDataModule
+
+
+def __getattr__(name: str) -> Any:
+    # `lightning_memopt.instruct` builds on this module, so it is imported on first use rather than at the top (an
+    # import cycle otherwise breaks whichever of the two is imported first).
+    if name == "InstructionDataModule":
+        from lightning_memopt.instruct import InstructionDataModule
+
+        globals()[name] = InstructionDataModule
+        return InstructionDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,12 @@ Two outputs:
 ``--format auto`` (the default) writes ``hf`` when the module can be rebuilt and wraps one transformers model, and
 ``safetensors`` otherwise.
 
+An ``hf`` export also holds the tokenizer (``save_pretrained``), so ``AutoTokenizer.from_pretrained(OUT)`` loads it
+next to the model. Its source, first that applies: ``--tokenizer DIR``; the datamodule's ``tokenizer``
+hyper-parameter in the checkpoint (``TextDataModule(tokenizer=...)`` and ``InstructionDataModule`` record it); the
+module's ``model_path`` when that directory holds tokenizer files. Without any, the model is exported alone (an info
+line says so); ``--no-tokenizer`` skips it.
+
 The checkpoint is read with ``torch.load(weights_only=True)``: nothing in it is executed. The module class it names is
 imported and constructed (as ``LightningModule.load_from_checkpoint`` does), and only when it is a LightningModule
 subclass; a module that loads pretrained weights in ``__init__`` (``CausalLM(model_path=...)``) reads them once more.
@@ -24,6 +30,7 @@ Example::
     lightning-memopt export runs/lightning_logs/version_0/checkpoints/last.ckpt exported/
     lightning-memopt export last.ckpt exported/ --format safetensors --dtype bfloat16
     lightning-memopt export last.ckpt exported/ --module lightning_memopt.lm.CausalLM
+    lightning-memopt export last.ckpt exported/ --tokenizer models/Llama-3.2-1B-Instruct
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DTYPES",
+    "TOKENIZER_FILES",
     "ExportError",
     "build_module",
     "export_checkpoint",
@@ -54,6 +62,7 @@ __all__ = [
     "main",
     "module_spec",
     "save_safetensors",
+    "tokenizer_source",
 ]
 
 Format = Literal["auto", "hf", "safetensors"]
@@ -65,6 +74,10 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
 }
 """``--dtype`` choices: ``auto`` keeps the dtype the checkpoint's weights have (the training precision)."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Files that make a directory hold a Hugging Face tokenizer (any one of them)."""
 
 
 class ExportError(ValueError):
@@ -274,6 +287,57 @@ def find_transformers_model(module: nn.Module) -> tuple[str, nn.Module] | None:
     return outermost[0] if outermost else None
 
 
+def tokenizer_source(
+    checkpoint: Mapping[str, Any],
+    init_args: Mapping[str, Any],
+    tokenizer: str | os.PathLike[str] | None = None,
+) -> tuple[str, str] | None:
+    """Where the tokenizer of an ``hf`` export comes from: ``(path, what said so)``, or ``None`` when nothing does.
+
+    First that applies: ``tokenizer`` (``--tokenizer``); the checkpoint's ``datamodule_hyper_parameters["tokenizer"]``;
+    the module's ``model_path`` argument (from ``init_args``) when that directory holds one of
+    :data:`TOKENIZER_FILES`.
+
+    Example::
+
+        >>> tokenizer_source({"datamodule_hyper_parameters": {"tokenizer": "models/llama"}}, {"model_path": "x"})
+        ('models/llama', "the datamodule's tokenizer hyper-parameter")
+        >>> tokenizer_source({}, {"config": {"num_hidden_layers": 2}}) is None
+        True
+    """
+    if tokenizer is not None:
+        return str(tokenizer), "--tokenizer"
+    data_hparams = checkpoint.get("datamodule_hyper_parameters")
+    recorded = data_hparams.get("tokenizer") if isinstance(data_hparams, Mapping) else None
+    if isinstance(recorded, str | os.PathLike) and str(recorded):
+        return str(recorded), "the datamodule's tokenizer hyper-parameter"
+    model_path = init_args.get("model_path")
+    if isinstance(model_path, str | os.PathLike) and str(model_path):
+        directory = Path(os.path.expanduser(model_path))
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return str(model_path), "the module's model_path"
+    return None
+
+
+def _load_tokenizer(path: str, source: str) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ExportError(
+            "Exporting the tokenizer needs Hugging Face transformers; install it, or pass --no-tokenizer."
+        ) from err
+    expanded = os.path.expanduser(path)
+    hint = "Pass --tokenizer DIR with the model's tokenizer, or --no-tokenizer to export the model alone."
+    if not os.path.isdir(expanded) and (os.sep in path or path.startswith((".", "~"))):
+        raise ExportError(f"No tokenizer directory at {path!r} (from {source}). {hint}")
+    try:
+        return AutoTokenizer.from_pretrained(expanded, local_files_only=True)
+    except Exception as err:  # transformers raises OSError, ValueError or the tokenizers library's own errors
+        raise ExportError(
+            f"Could not load a tokenizer from {path!r} (from {source}): {type(err).__name__}: {err}. {hint}"
+        ) from err
+
+
 def export_checkpoint(
     checkpoint_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -281,6 +345,8 @@ def export_checkpoint(
     module: str | None = None,
     config: str | os.PathLike[str] | None = None,
     dtype: str = "auto",
+    tokenizer: str | os.PathLike[str] | None = None,
+    write_tokenizer: bool = True,
 ) -> Path:
     """Export a Lightning checkpoint to ``out`` (a directory) and return the path written (a file or ``out``).
 
@@ -291,6 +357,9 @@ def export_checkpoint(
         module: dotted path of the LightningModule class, if the checkpoint does not name it.
         config: LightningCLI ``config.yaml`` of the run (its ``model:`` section builds the module).
         dtype: ``"auto"`` (as trained) or one of ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        tokenizer: directory of the tokenizer to save next to an ``hf`` export, instead of the one the checkpoint
+            names (see :func:`tokenizer_source`).
+        write_tokenizer: ``False`` exports the model alone.
 
     Example::
 
@@ -301,6 +370,8 @@ def export_checkpoint(
         raise ExportError(f"format={format!r} is not known; choose 'auto', 'hf' or 'safetensors'.")
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} is not known; choose one of {', '.join(DTYPES)}.")
+    if tokenizer is not None and not write_tokenizer:
+        raise ExportError("Pass either a tokenizer to write or write_tokenizer=False (--no-tokenizer), not both.")
     checkpoint = load_checkpoint(checkpoint_path)
     state_dict: dict[str, Tensor] = dict(checkpoint["state_dict"])
     out = Path(out)
@@ -313,7 +384,7 @@ def export_checkpoint(
                 "package.ModuleClass (its arguments then come from the checkpoint's hyper-parameters) or --config "
                 "with the run's LightningCLI config.yaml. --format safetensors needs neither."
             )
-        return _write_safetensors(state_dict, out, DTYPES[dtype], metadata)
+        return _write_safetensors(state_dict, out, DTYPES[dtype], metadata, tokenizer)
     class_path, init_args, source = spec
     rank_zero_info(f"export: building {class_path} from {source}")
     lightning_module = build_module(class_path, init_args, state_dict)
@@ -324,7 +395,7 @@ def export_checkpoint(
                 f"{class_path} holds no transformers PreTrainedModel, so there is nothing for save_pretrained; "
                 "use --format safetensors."
             )
-        return _write_safetensors(state_dict, out, DTYPES[dtype], metadata)
+        return _write_safetensors(state_dict, out, DTYPES[dtype], metadata, tokenizer)
     prefix, hf_model = inner
     left_out = [n for n in lightning_module.state_dict() if prefix and not n.startswith(prefix + ".")]
     if left_out:
@@ -332,18 +403,50 @@ def export_checkpoint(
             f"export: {len(left_out)} tensors of {class_path} lie outside its transformers model {prefix!r} and are "
             f"not in the Hugging Face export (e.g. {left_out[0]!r}). Use --format safetensors to keep everything."
         )
+    # loaded before anything is written: a bad tokenizer path leaves no half-made export behind
+    found = tokenizer_source(checkpoint, init_args, tokenizer) if write_tokenizer else None
+    hf_tokenizer = _load_tokenizer(*found) if found is not None else None
+    vocab_size = getattr(getattr(hf_model, "config", None), "vocab_size", None)
+    if (
+        hf_tokenizer is not None
+        and found is not None
+        and isinstance(vocab_size, int)
+        and len(hf_tokenizer) > vocab_size
+    ):
+        rank_zero_warn(
+            f"export: the tokenizer from {found[0]} ({found[1]}) has {len(hf_tokenizer)} tokens but the model's "
+            f"embedding only {vocab_size}: it is not the tokenizer this model was trained with. Pass the right one "
+            "with --tokenizer DIR, or --no-tokenizer."
+        )
     target = DTYPES[dtype] or _dominant_dtype(state_dict)
     if target is not None:
         hf_model.to(target)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)  # type: ignore[operator]
     rank_zero_info(f"export: wrote a Hugging Face model ({type(hf_model).__name__}, {target}) to {out}")
+    if hf_tokenizer is not None and found is not None:
+        hf_tokenizer.save_pretrained(out)
+        rank_zero_info(f"export: wrote the tokenizer from {found[0]} ({found[1]}) to {out}")
+    elif write_tokenizer:
+        rank_zero_info(
+            "export: no tokenizer written: neither the checkpoint's datamodule nor the module's model_path names one. "
+            "Add it with --tokenizer DIR (the directory of the tokenizer the model was trained with)."
+        )
     return out
 
 
 def _write_safetensors(
-    state_dict: Mapping[str, Tensor], out: Path, dtype: torch.dtype | None, metadata: Mapping[str, str]
+    state_dict: Mapping[str, Tensor],
+    out: Path,
+    dtype: torch.dtype | None,
+    metadata: Mapping[str, str],
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
+    if tokenizer is not None:
+        rank_zero_warn(
+            f"export: --tokenizer {str(tokenizer)!r} is not written: a safetensors export holds the weights alone. "
+            "Use --format hf for a directory that AutoModelForCausalLM and AutoTokenizer load."
+        )
     path = save_safetensors(state_dict, out / "model.safetensors", dtype=dtype, metadata=metadata)
     rank_zero_info(f"export: wrote {len(state_dict)} tensors to {path}")
     return path
@@ -378,9 +481,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--module", help="dotted path of the LightningModule class, e.g. lightning_memopt.lm.CausalLM")
     parser.add_argument("--config", help="the run's LightningCLI config.yaml (found next to the checkpoint otherwise)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weight dtype (auto: as trained)")
+    tokenizer = parser.add_mutually_exclusive_group()
+    tokenizer.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer directory to save with an hf export (default: the checkpoint's datamodule tokenizer, else the "
+        "module's model_path)",
+    )
+    tokenizer.add_argument("--no-tokenizer", action="store_true", help="export the model without its tokenizer")
     args = parser.parse_args(argv)
     try:
-        written = export_checkpoint(args.checkpoint, args.out, args.format, args.module, args.config, args.dtype)
+        written = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            args.format,
+            args.module,
+            args.config,
+            args.dtype,
+            tokenizer=args.tokenizer,
+            write_tokenizer=not args.no_tokenizer,
+        )
     except ExportError as err:
         parser.exit(2, f"lightning-memopt export: error: {err}\n")
     print(written)

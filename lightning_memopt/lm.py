@@ -171,7 +171,7 @@ class CausalLM(LightningModule):
         dtype_key = "dtype" if _TRANSFORMERS_DTYPE_KWARG else "torch_dtype"
         model_path = os.path.expanduser(model_path)
         try:
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 model_path, local_files_only=local_files_only, **{dtype_key: dtype}
             )
         except OSError as err:
@@ -184,6 +184,9 @@ class CausalLM(LightningModule):
             else:
                 hint = "Check the name on the Hugging Face Hub and your access to it."
             raise OSError(f"Could not load a model from model_path={model_path!r}. {hint} ({err})") from err
+        # `from_pretrained` returns the model in eval mode, and Lightning does not switch it back: dropout would stay
+        # off and transformers' gradient checkpointing (active only while `self.training`) would silently not run.
+        return model.train()
 
     def _enable_checkpointing(self, reentrant: bool) -> None:
         kwargs = {"use_reentrant": reentrant}
@@ -194,12 +197,22 @@ class CausalLM(LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @override
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits of shape ``(batch, seq_len, vocab_size)``."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Logits of shape ``(batch, seq_len, vocab_size)``.
+
+        ``position_ids`` that restart at 0 inside a row, with no ``attention_mask``, mark several samples packed into
+        one sequence (as :class:`~lightning_memopt.data.InstructionDataModule` yields with ``packing=True``):
+        transformers then keeps each sample from attending to the others.
+        """
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return next_token_loss(self(batch["input_ids"], batch.get("attention_mask")), batch)
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        return next_token_loss(logits, batch)
 
     @staticmethod
     def _in_float32(*metrics: MeanMetric) -> None:

@@ -28,3 +28,11 @@ def _isolate_distributed_state():
         torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny pretrained Llama directory with its own BPE tokenizer and chat template (see ``tests/pretrained.py``)."""
+    from pretrained import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("pretrained") / "tiny-llama-chat")

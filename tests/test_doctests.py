@@ -7,6 +7,7 @@ import pytest
 import lightning_memopt.adafactor
 import lightning_memopt.blocks
 import lightning_memopt.data
+import lightning_memopt.instruct
 import lightning_memopt.lm
 import lightning_memopt.precision
 
@@ -17,6 +18,7 @@ import lightning_memopt.precision
         lightning_memopt.adafactor,
         lightning_memopt.blocks,
         lightning_memopt.data,
+        lightning_memopt.instruct,
         lightning_memopt.lm,
         lightning_memopt.precision,
     ],

@@ -1,8 +1,9 @@
 """Results usable anywhere: BAdam checkpoints without this package, and `lightning-memopt export` to Hugging Face and
-safetensors, loaded back offline with the same weights and logits.
+safetensors, loaded back offline with the same weights, logits and tokenizer.
 
-One tiny CausalLM (tied embeddings) is trained once through the CLI, BAdam in bf16; every export test reads its
-checkpoint.
+One tiny CausalLM (tied embeddings) is trained once through the CLI, BAdam in bf16; most export tests read its
+checkpoint. Another, loaded from a pretrained directory with its tokenizer (untied head, the ``model_dir`` fixture),
+is fine-tuned by a plain Trainer for the tokenizer tests, and once under ``badam_fsdp`` on two gloo processes.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import copy
 import doctest
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +28,10 @@ from models import LlamaModule, trainer_kwargs
 
 import lightning_memopt.export
 from lightning_memopt import BAdamStrategy, BlockSwitch
+from lightning_memopt.callbacks.sample_generation import greedy_generate
 from lightning_memopt.cli import MemoptCLI, main
+from lightning_memopt.data import TextDataModule
+from lightning_memopt.export import TOKENIZER_FILES
 from lightning_memopt.lm import CausalLM
 
 MODEL_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "tie_word_embeddings": True}
@@ -99,9 +106,13 @@ def test_cli_run_exports_a_transformers_model_that_loads_offline(cli_run, tmp_pa
 
     module, checkpoint, _ = cli_run
     out = tmp_path / "hf"
-    main(["export", str(checkpoint), str(out)])  # format auto: CausalLM wraps a transformers model
+    with _info_messages() as messages:
+        main(["export", str(checkpoint), str(out)])  # format auto: CausalLM wraps a transformers model
     assert capsys.readouterr().out.strip() == str(out)
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    # a byte-level model built from a config has no tokenizer to write, and the export says how to add one
+    assert not any((out / name).exists() for name in TOKENIZER_FILES)
+    assert any("no tokenizer written" in m and "--tokenizer DIR" in m for m in messages)
 
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert loaded.dtype == torch.bfloat16  # as trained (bf16-true)
@@ -242,6 +253,9 @@ def _wrong_layers_config(tmp_path: Path, saved_config: Path) -> Path:
         ("another model's weights", "do not fit lightning_memopt.lm.CausalLM"),
         ("no transformers model", "BoringModel holds no transformers PreTrainedModel"),
         ("unknown dtype", "invalid choice: 'int8'"),
+        ("no tokenizer directory", "No tokenizer directory at"),
+        ("not a tokenizer", "Could not load a tokenizer from"),
+        ("both tokenizer options", "argument --no-tokenizer: not allowed with argument --tokenizer"),
     ],
 )
 def test_export_errors_say_what_to_pass(cli_run, tmp_path, capsys, case, message):
@@ -262,6 +276,13 @@ def test_export_errors_say_what_to_pass(cli_run, tmp_path, capsys, case, message
         torch.save({"state_dict": BoringModel().state_dict()}, tmp_path / "boring.ckpt")
         boring = "lightning.pytorch.demos.boring_classes.BoringModel"
         args = [str(tmp_path / "boring.ckpt"), args[1], "--format", "hf", "--module", boring]
+    elif case == "no tokenizer directory":
+        args += ["--tokenizer", str(tmp_path / "no_such_dir")]
+    elif case == "not a tokenizer":
+        (tmp_path / "empty").mkdir()
+        args += ["--tokenizer", str(tmp_path / "empty")]
+    elif case == "both tokenizer options":
+        args += ["--tokenizer", str(tmp_path), "--no-tokenizer"]
     else:
         args += ["--dtype", "int8"]
     with pytest.raises(SystemExit) as exit_info:
@@ -269,6 +290,289 @@ def test_export_errors_say_what_to_pass(cli_run, tmp_path, capsys, case, message
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        logging.getLogger("lightning.pytorch").addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("lightning.pytorch").removeHandler(self)
+
+
+def _info_messages() -> _Messages:
+    """What rank_zero_info prints (Lightning's logger does not propagate to pytest's caplog in every setup)."""
+    return _Messages()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:12000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory, model_dir, corpus):
+    """A CausalLM loaded from a pretrained directory (untied head), fine-tuned 4 steps by BAdam in bf16 -- the head
+    first, then the last layer -- on text its tokenizer encodes; the datamodule records the tokenizer's path."""
+    root = tmp_path_factory.mktemp("pretrained_run")
+    L.seed_everything(0)
+    module = CausalLM(model_path=str(model_dir), lr=1e-2)
+    data = TextDataModule(paths=[str(corpus)], tokenizer=str(model_dir), seq_len=32, batch_size=4, val_fraction=0.0)
+    trainer = L.Trainer(
+        strategy=BAdamStrategy(include_lm_head=True),
+        precision="bf16-true",
+        max_steps=4,
+        callbacks=[BlockSwitch(every=2, order="descending")],
+        **trainer_kwargs(root),
+    )
+    trainer.fit(module, data)
+    path = root / "finetuned.ckpt"
+    trainer.save_checkpoint(path)
+    return module, path
+
+
+def _prompt_ids(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Wrap this text."}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_fine_tuned_pretrained_model_exports_with_its_tokenizer(pretrained_run, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module, checkpoint = pretrained_run
+    out = tmp_path / "hf"
+    main(["export", str(checkpoint), str(out), "--module", "lightning_memopt.lm.CausalLM"])
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    original = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    assert tokenizer.get_vocab() == original.get_vocab()
+    assert tokenizer.chat_template == original.chat_template and tokenizer.eos_token == original.eos_token
+    assert loaded.dtype == torch.bfloat16
+
+    # the same logits, exactly, as the LightningModule rebuilt from the checkpoint and as the trained one
+    rebuilt = CausalLM.load_from_checkpoint(checkpoint).eval()
+    prompt = _prompt_ids(tokenizer)
+    x = torch.tensor([tokenizer("def wrap(text, width=70):")["input_ids"]])
+    with torch.no_grad():
+        logits = loaded(input_ids=x).logits
+        assert torch.equal(logits, rebuilt(x))
+    assert torch.equal(logits, _reference_logits(module, x))
+
+    # transformers' greedy generate continues a chat prompt as a greedy decode with the LightningModule does
+    ids = torch.tensor([prompt])
+    # use_cache=False: the KV-cached path sums in another order, which can flip a near-tie in bf16
+    generated = loaded.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, use_cache=False
+    )[0, len(prompt) :].tolist()
+    assert generated == greedy_generate(rebuilt, prompt, 8, stop_token_ids=[tokenizer.eos_token_id])[0]
+
+    # the untied head is exported as BAdam trained it; the frozen embedding as it was
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    pretrained = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    assert not loaded.config.tie_word_embeddings
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+    assert torch.equal(loaded.lm_head.weight, state["model.lm_head.weight"])
+    assert not torch.equal(loaded.lm_head.weight, pretrained.lm_head.weight)
+    assert torch.equal(loaded.model.embed_tokens.weight, pretrained.model.embed_tokens.weight)
+
+
+def test_float16_export_rounds_only_the_arithmetic(pretrained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, checkpoint = pretrained_run
+    out = tmp_path / "fp16"
+    main(["export", str(checkpoint), str(out), "--module", "lightning_memopt.lm.CausalLM", "--dtype", "float16"])
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert loaded.dtype == torch.float16
+    reference = CausalLM.load_from_checkpoint(checkpoint).eval()
+    # bf16 -> fp16 rounds a weight by at most half an fp16 ulp: exact where fp16 has the bits (it has more mantissa),
+    # rounded only for the tiny values below fp16's normal range (2^-14), whose spacing is 2^-24
+    trained = dict(reference.model.named_parameters())
+    for name, param in loaded.named_parameters():
+        want = trained[name].float()
+        torch.testing.assert_close(param.float(), want, rtol=2**-11, atol=2**-25, msg=name)
+        assert torch.equal(param.float()[want.abs() >= 2**-14], want[want.abs() >= 2**-14]), name
+    reference.float()
+    x = torch.tensor([[5, 77, 301, 12, 460, 88, 2, 199]])  # short: fp16 matmul is slow on CPU
+    with torch.no_grad():
+        half, full = loaded(input_ids=x).logits, reference(x)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, rtol=1e-2, atol=2e-3)
+
+
+def _tokenizer_dir(model_dir: Path, out: Path, model_max_length: int) -> Path:
+    """The model's tokenizer, told apart by its model_max_length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _rewritten(checkpoint: Path, target: Path, data_tokenizer: object = "keep", model_path: str | None = None) -> Path:
+    ckpt = torch.load(checkpoint, weights_only=True)
+    if data_tokenizer != "keep":
+        ckpt["datamodule_hyper_parameters"]["tokenizer"] = data_tokenizer
+    if model_path is not None:
+        ckpt["hyper_parameters"]["model_path"] = model_path
+    torch.save(ckpt, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "source", ["datamodule", "--tokenizer", "model_path", "--no-tokenizer", "none", "datamodule's is gone"]
+)
+def test_the_tokenizer_comes_from_the_option_the_datamodule_or_model_path(
+    pretrained_run, model_dir, tmp_path, capsys, source
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, checkpoint = pretrained_run
+    assert torch.load(checkpoint, weights_only=True)["datamodule_hyper_parameters"]["tokenizer"] == str(model_dir)
+    data_tokenizer = str(_tokenizer_dir(model_dir, tmp_path / "data_tokenizer", 1001))
+    ckpt = _rewritten(checkpoint, tmp_path / "x.ckpt", data_tokenizer)
+    args = ["--module", "lightning_memopt.lm.CausalLM"]
+    expected: int | None = 1001
+    if source == "--tokenizer":
+        args += ["--tokenizer", str(_tokenizer_dir(model_dir, tmp_path / "option_tokenizer", 1002))]
+        expected = 1002
+    elif source == "model_path":
+        ckpt = _rewritten(checkpoint, tmp_path / "x.ckpt", data_tokenizer=None)  # a byte-level datamodule
+        expected = AutoTokenizer.from_pretrained(model_dir, local_files_only=True).model_max_length
+    elif source == "--no-tokenizer":
+        args += ["--no-tokenizer"]
+        expected = None
+    elif source == "none":
+        bare = tmp_path / "bare_model"  # the model without its tokenizer files
+        bare.mkdir()
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            shutil.copy(model_dir / name, bare / name)
+        ckpt = _rewritten(checkpoint, tmp_path / "x.ckpt", data_tokenizer=None, model_path=str(bare))
+        expected = None
+    elif source == "datamodule's is gone":
+        ckpt = _rewritten(checkpoint, tmp_path / "x.ckpt", data_tokenizer=str(tmp_path / "moved_away"))
+    out = tmp_path / "out"
+    if source == "datamodule's is gone":
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(ckpt), str(out), *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "No tokenizer directory at" in err and "the datamodule's tokenizer hyper-parameter" in err
+        assert "--no-tokenizer" in err and not out.exists()
+        return
+    with _info_messages() as messages:
+        main(["export", str(ckpt), str(out), *args])
+    AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    if expected is None:
+        assert not any((out / name).exists() for name in TOKENIZER_FILES)
+        said = any("no tokenizer written" in m for m in messages)
+        assert said == (source == "none")
+    else:
+        assert AutoTokenizer.from_pretrained(out, local_files_only=True).model_max_length == expected
+
+
+def test_a_safetensors_export_says_it_leaves_the_tokenizer_out(cli_run, model_dir, tmp_path):
+    _, checkpoint, _ = cli_run
+    out = tmp_path / "st"
+    with pytest.warns(UserWarning, match="is not written: a safetensors export holds the weights alone"):
+        main(["export", str(checkpoint), str(out), "--format", "safetensors", "--tokenizer", str(model_dir)])
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_flagged(cli_run, model_dir, tmp_path):
+    _, checkpoint, _ = cli_run  # a byte-level model: 256 tokens; the pretrained directory's tokenizer has 512
+    with pytest.warns(UserWarning, match="has 512 tokens but the model's embedding only 256"):
+        main(["export", str(checkpoint), str(tmp_path / "hf"), "--tokenizer", str(model_dir)])
+
+
+def test_a_badam_fsdp_checkpoint_from_the_cli_exports(model_dir, tmp_path):
+    """``lightning-memopt fit`` on two gloo processes (~20 s), instruction data; the consolidated checkpoint exports."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    instructions = tmp_path / "train.jsonl"
+    answers = [("Say hello.", "Hello!"), ("Count to three.", "One, two, three."), ("Name a colour.", "Blue.")] * 3
+    instructions.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in answers))
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": {
+                "class_path": "lightning_memopt.BAdamFSDPStrategy",
+                "init_args": {"process_group_backend": "gloo"},
+            },
+            "precision": "bf16-true",
+            "max_steps": 3,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "logger": False,
+            "callbacks": [
+                {"class_path": "lightning_memopt.BlockSwitch", "init_args": {"every": 1, "order": "ascending"}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True},
+                },
+            ],
+        },
+        "model": {
+            "class_path": "lightning_memopt.lm.CausalLM",
+            "init_args": {"model_path": str(model_dir), "lr": 0.01},
+        },
+        "data": {
+            "class_path": "lightning_memopt.data.InstructionDataModule",
+            "init_args": {
+                "paths": [str(instructions)],
+                "tokenizer": str(model_dir),
+                "max_length": 64,
+                "batch_size": 2,
+                "val_fraction": 0.0,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+        },
+    }
+    recipe = tmp_path / "fsdp.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lightning-memopt"), "fit", "--config", str(recipe)],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert all(type(t) is torch.Tensor for t in state.values())  # consolidated full tensors, no DTensor shards
+
+    out = tmp_path / "hf"
+    # LightningCLI's _class_path names the module, the datamodule's hyper-parameters the tokenizer
+    assert torch.load(last, weights_only=True)["datamodule_hyper_parameters"]["tokenizer"] == str(model_dir)
+    main(["export", str(last), str(out)])
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tokenizer.chat_template is not None
+    rebuilt = CausalLM.load_from_checkpoint(last).eval()
+    pretrained = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    assert not torch.equal(loaded.model.layers[0].mlp.up_proj.weight, pretrained.model.layers[0].mlp.up_proj.weight)
+    x = torch.tensor([tokenizer("def wrap(text, width=70):")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, rebuilt(x))
 
 
 def test_docstring_examples():

@@ -6,7 +6,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
+from lightning_memopt import BlockSwitch
 from lightning_memopt.data import TextDataModule
 from lightning_memopt.lm import IGNORE_INDEX, TINY_LLAMA, CausalLM, next_token_loss
 
@@ -114,6 +116,29 @@ def test_loads_a_saved_model_in_its_own_dtype(tmp_path: Path) -> None:
     for (name, expected), actual in zip(built.named_parameters(), loaded.parameters(), strict=True):
         assert torch.equal(expected, actual), name
     assert CausalLM(model_path=str(tmp_path / "tiny"), dtype="float32").model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_pretrained_model_trains_in_train_mode_with_checkpointing_that_recomputes(
+    model_dir: Path, tmp_path: Path, reentrant: bool
+) -> None:
+    # from_pretrained returns an eval-mode model; transformers only checkpoints while `training` is set
+    model = CausalLM(model_path=str(model_dir), gradient_checkpointing=True, gradient_checkpointing_reentrant=reentrant)
+    assert model.model.training
+    calls: list[bool] = []
+    layer = model.model.model.layers[1]
+    # transformers checkpoints the layer's `forward`, keeping its own hooks outside: count a submodule's calls
+    layer.self_attn.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    batch = {"input_ids": torch.randint(0, 500, (2, 12)), "labels": torch.randint(0, 500, (2, 12))}
+    data = DataLoader([batch], batch_size=None)
+    switch = BlockSwitch(every=1, order="fixed", start=1)
+    trainer = _trainer(tmp_path, max_steps=1, strategy="badam", logger=False, callbacks=[switch])
+    before = layer.mlp.down_proj.weight.detach().clone()
+    trainer.fit(model, train_dataloaders=data)
+    assert trainer.strategy.blocks[trainer.strategy.active_block].name == "model.model.layers.1"
+    # the active layer runs forward twice: once in the forward pass, once recomputed in the backward pass
+    assert calls == ([False, True] if reentrant else [True, True])
+    assert not torch.equal(before, layer.mlp.down_proj.weight)
 
 
 @pytest.mark.parametrize(
