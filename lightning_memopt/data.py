@@ -34,6 +34,7 @@ __all__ = [
     "default_corpus_paths",
     "find_text_files",
     "iter_documents",
+    "load_tokenizer",
     "read_corpus",
     "tokenize_corpus",
 ]
@@ -213,6 +214,39 @@ def tokenize_corpus(documents: Iterable[bytes], tokenizer: Any) -> Tensor:
     return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
 
 
+def load_tokenizer(path: str | os.PathLike[str], argument: str = "tokenizer") -> Any:
+    """The Hugging Face tokenizer in a local directory (``AutoTokenizer``, ``local_files_only``: nothing is downloaded).
+
+    The one loader the data modules, :class:`~lightning_memopt.SampleGeneration` and ``lightning-memopt export`` use;
+    ``argument`` names the setting in the error messages.
+
+    Raises:
+        ImportError: if transformers is not installed.
+        OSError: if ``path`` holds no loadable tokenizer.
+
+    Example::
+
+        >>> load_tokenizer("/no/such/model")
+        Traceback (most recent call last):
+        ...
+        OSError: Could not load a tokenizer from tokenizer='/no/such/model': ...
+    """
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ImportError(
+            f"`{argument}` needs Hugging Face transformers: `pip install 'lightning-memopt[recipes]'`."
+        ) from err
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(str(path)), local_files_only=True)
+    except (OSError, ValueError) as err:  # a missing directory, or one without tokenizer files
+        unset = ", or leave it unset for byte-level tokens" if argument == "tokenizer" else ""
+        raise OSError(
+            f"Could not load a tokenizer from {argument}={str(path)!r}: point it at a local model directory (with"
+            f" tokenizer.json or tokenizer.model){unset}. ({type(err).__name__}: {err})"
+        ) from err
+
+
 def _chunks(items: Iterable[bytes], size: int) -> Iterator[tuple[bytes, ...]]:
     # `itertools.batched` needs Python 3.12.
     iterator = iter(items)
@@ -325,23 +359,8 @@ class TextDataModule(LightningDataModule):
         self._tokenizer: Any = None
 
     def _load_tokenizer(self) -> Any:
-        if self._tokenizer is not None:
-            return self._tokenizer
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                "`tokenizer` needs Hugging Face transformers: `pip install 'lightning-memopt[recipes]'`."
-            ) from err
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                os.path.expanduser(str(self.tokenizer)), local_files_only=True
-            )
-        except OSError as err:
-            raise OSError(
-                f"Could not load a tokenizer from tokenizer={self.tokenizer!r}: point it at a local model directory"
-                f" (with tokenizer.json or tokenizer.model), or leave it unset for byte-level tokens. ({err})"
-            ) from err
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(str(self.tokenizer))
         return self._tokenizer
 
     @property

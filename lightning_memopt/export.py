@@ -320,22 +320,20 @@ def tokenizer_source(
 
 
 def _load_tokenizer(path: str, source: str) -> Any:
+    from lightning_memopt.data import load_tokenizer
+
+    hint = "Pass --tokenizer DIR with the model's tokenizer, or --no-tokenizer to export the model alone."
+    expanded = os.path.expanduser(path)
+    if not os.path.isdir(expanded) and (os.sep in path or path.startswith((".", "~"))):
+        raise ExportError(f"No tokenizer directory at {path!r} (from {source}). {hint}")
     try:
-        from transformers import AutoTokenizer
+        return load_tokenizer(path, argument="--tokenizer")
     except ImportError as err:
         raise ExportError(
             "Exporting the tokenizer needs Hugging Face transformers; install it, or pass --no-tokenizer."
         ) from err
-    expanded = os.path.expanduser(path)
-    hint = "Pass --tokenizer DIR with the model's tokenizer, or --no-tokenizer to export the model alone."
-    if not os.path.isdir(expanded) and (os.sep in path or path.startswith((".", "~"))):
-        raise ExportError(f"No tokenizer directory at {path!r} (from {source}). {hint}")
-    try:
-        return AutoTokenizer.from_pretrained(expanded, local_files_only=True)
-    except Exception as err:  # transformers raises OSError, ValueError or the tokenizers library's own errors
-        raise ExportError(
-            f"Could not load a tokenizer from {path!r} (from {source}): {type(err).__name__}: {err}. {hint}"
-        ) from err
+    except Exception as err:  # OSError, or the tokenizers library's own errors for a corrupt file
+        raise ExportError(f"{err} (from {source}). {hint}") from err
 
 
 def export_checkpoint(

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 # The folders a directory walk skips are the ones `data.find_text_files` skips.
-from lightning_memopt.data import EOS_BYTE, VOCAB_SIZE, find_text_files
+from lightning_memopt.data import EOS_BYTE, VOCAB_SIZE, find_text_files, load_tokenizer
 from lightning_memopt.lm import IGNORE_INDEX, CausalLM
 
 __all__ = [
@@ -1134,23 +1134,8 @@ class InstructionDataModule(LightningDataModule):
 
     def get_tokenizer(self) -> Any | None:
         """The Hugging Face tokenizer, loaded from ``tokenizer`` on first use; ``None`` for byte-level tokens."""
-        if self.tokenizer is None or self._tokenizer is not None:
-            return self._tokenizer
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                "`tokenizer` needs Hugging Face transformers: `pip install 'lightning-memopt[recipes]'`."
-            ) from err
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                os.path.expanduser(str(self.tokenizer)), local_files_only=True
-            )
-        except OSError as err:
-            raise OSError(
-                f"Could not load a tokenizer from tokenizer={self.tokenizer!r}: point it at a local model directory"
-                f" (with tokenizer.json), or leave it unset for byte-level tokens. ({err})"
-            ) from err
+        if self.tokenizer is not None and self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer)
         return self._tokenizer
 
     def _get_encoder(self) -> ConversationEncoder:

@@ -407,7 +407,7 @@ def test_setup_errors_say_what_to_pass(tmp_path, model_dir):
         MisconfigurationException, match=r"The Trainer has no datamodule.*tokenizer='path/to/model_dir'"
     ):
         _validate(tmp_path, model_dir, SampleGeneration(["Hi"]))
-    with pytest.raises(MisconfigurationException, match="could not load a tokenizer from"):
+    with pytest.raises(MisconfigurationException, match="Could not load a tokenizer from SampleGeneration"):
         _validate(tmp_path, model_dir, SampleGeneration(["Hi"], tokenizer=str(tmp_path / "missing")))
     with pytest.raises(MisconfigurationException, match=r"prompts\[1\] \(''\) encodes to no tokens"):
         _validate(tmp_path, model_dir, SampleGeneration(["Hi", ""], tokenizer=str(model_dir), chat=False))

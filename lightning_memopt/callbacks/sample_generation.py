@@ -16,6 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_memopt.data import load_tokenizer
+
 __all__ = ["STOP_REASONS", "SampleGeneration", "greedy_generate"]
 
 StopReason = Literal["eos", "max_new_tokens", "max_length"]
@@ -365,19 +367,9 @@ class SampleGeneration(Callback):
 
 def _load_tokenizer(path: str) -> Any:
     try:
-        from transformers import AutoTokenizer
-    except ImportError as err:
-        raise ImportError(
-            "SampleGeneration(tokenizer=...) needs Hugging Face transformers: "
-            "`pip install 'lightning-memopt[recipes]'`."
-        ) from err
-    try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(path), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise MisconfigurationException(
-            f"SampleGeneration could not load a tokenizer from {path!r}: point tokenizer= at a local model directory "
-            f"(with tokenizer.json or tokenizer.model). ({err})"
-        ) from err
+        return load_tokenizer(path, argument="SampleGeneration(tokenizer=...)")
+    except OSError as err:
+        raise MisconfigurationException(str(err)) from err
 
 
 def _tokenizer_codec(tokenizer: Any, chat: bool, source: str) -> _Codec:
