@@ -89,6 +89,16 @@ class TokenPerplexity(MeanMetric):
         return super().compute().exp()
 
 
+def _float32_rope_buffers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Tensor]]:
+    # every rotary embedding's inverse frequencies (`inv_freq`, `original_inv_freq`, `long_inv_freq`, ...), as built
+    return [
+        (sub, name, buffer.detach().clone())
+        for sub in module.modules()
+        for name, buffer in sub.named_buffers(recurse=False)
+        if "inv_freq" in name and buffer.dtype == torch.float32
+    ]
+
+
 class CausalLM(LightningModule):
     """Next-token training of a Hugging Face causal language model, loaded from disk or built from a config.
 
@@ -147,6 +157,7 @@ class CausalLM(LightningModule):
         self.save_hyperparameters()
         self.lr = lr
         self.model = self._build(model_path, config, local_files_only, dtype)
+        self._rope_float32 = _float32_rope_buffers(self)
         if gradient_checkpointing:
             self._enable_checkpointing(gradient_checkpointing_reentrant)
         self.train_loss = MeanMetric()
@@ -187,6 +198,18 @@ class CausalLM(LightningModule):
         # `from_pretrained` returns the model in eval mode, and Lightning does not switch it back: dropout would stay
         # off and transformers' gradient checkpointing (active only while `self.training`) would silently not run.
         return model.train()
+
+    @override
+    def _apply(self, fn: Any, recurse: bool = True) -> CausalLM:
+        super()._apply(fn, recurse)
+        # `bf16-true`/`16-true` cast the whole module with `.to(dtype)`, rotary inverse frequencies included: rounded
+        # to bf16 they shift a rotary angle by radians at position 1000 (Llama 3's theta 500000), so training would
+        # run a different model from the FP32-frequency one transformers loads after export. Keep them in FP32.
+        for module, name, exact in getattr(self, "_rope_float32", ()):
+            current = module._buffers.get(name)
+            if current is not None and current.dtype != torch.float32:
+                module._buffers[name] = exact.to(current.device)
+        return self
 
     def _enable_checkpointing(self, reentrant: bool) -> None:
         kwargs = {"use_reentrant": reentrant}

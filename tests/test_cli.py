@@ -74,3 +74,18 @@ def test_python_m_runs_the_quickstart(tmp_path: Path) -> None:
     assert len([r for r in rows if r["val_loss"]]) == 2
     lrs = [float(r["lr-AdamW"]) for r in rows if r["lr-AdamW"]]
     assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
+
+
+def test_the_optimizer_section_trains_the_parameters_the_module_holds_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LightningCLI builds the optimizer while parsing; a sharding strategy (badam_fsdp) replaces the parameters later
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    cli = MemoptCLI(args=_small_run(tmp_path, steps=2), run=False)
+    head = cli.model.model.lm_head
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())  # what fully_shard does to every parameter
+    configured = cli.model.configure_optimizers()
+    optimizer = configured["optimizer"]
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in cli.model.parameters()]
+    assert configured["lr_scheduler"]["scheduler"].optimizer is optimizer
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002)  # the recipe's optimizer settings are kept

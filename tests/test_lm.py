@@ -141,6 +141,25 @@ def test_a_pretrained_model_trains_in_train_mode_with_checkpointing_that_recompu
     assert not torch.equal(before, layer.mlp.down_proj.weight)
 
 
+def test_bf16_true_keeps_rotary_frequencies_in_float32(model_dir: Path, tmp_path: Path) -> None:
+    # Lightning's bf16-true casts the whole module; the model must stay the one transformers loads from the directory
+    from transformers import AutoModelForCausalLM
+
+    model = CausalLM(model_path=str(model_dir))
+    batch = {"input_ids": torch.randint(0, 500, (2, 200)), "labels": torch.randint(0, 500, (2, 200))}
+    _trainer(tmp_path, logger=False).validate(model, DataLoader([batch], batch_size=None), verbose=False)
+    rotary = model.model.model.rotary_emb
+    assert rotary.inv_freq.dtype == rotary.original_inv_freq.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.bfloat16
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    with torch.no_grad():
+        expected = reference(input_ids=batch["input_ids"]).logits
+        assert torch.equal(model.eval()(batch["input_ids"]), expected)
+        # what the cast did before: bf16 frequencies give another model at long positions
+        rotary.inv_freq = rotary.inv_freq.to(torch.bfloat16)
+        assert not torch.equal(model(batch["input_ids"]), expected)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

@@ -66,3 +66,19 @@ def test_invalid_recipes_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixt
             main(["fit", "--config", str(path), "--print_config"])
         assert exited.value.code not in (0, None), f"{section}.{key} = {value!r} was accepted"
         capsys.readouterr()
+
+
+def test_the_instruction_tuning_recipe_is_the_papers_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    config = _parsed(Path(__file__).parents[1] / "recipes" / "llama3-8b-badam-sft.yaml", capsys)
+    trainer = config["trainer"]
+    assert trainer["strategy"] == "badam" and trainer["precision"] == "bf16-true"
+    (switch,) = [c for c in trainer["callbacks"] if c["class_path"] == "lightning_memopt.BlockSwitch"]
+    assert switch["init_args"]["every"] == 100 and switch["init_args"]["order"] == "random"
+    assert config["optimizer"]["init_args"]["lr"] == 1e-5
+    assert config["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    # 16 samples per optimizer step, the loss on the responses, the model's own tokenizer and chat template
+    assert config["data"]["init_args"]["batch_size"] * trainer["accumulate_grad_batches"] == 16
+    assert config["data"]["class_path"] == "lightning_memopt.data.InstructionDataModule"
+    assert config["data"]["init_args"]["train_on"] == "responses"
+    assert config["data"]["init_args"]["tokenizer"] == config["model"]["init_args"]["model_path"]
+    assert config["model"]["init_args"]["gradient_checkpointing"] is True

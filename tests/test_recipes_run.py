@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,7 @@ def _scaled_down(recipe: Path, root: Path, model_dir: Path) -> tuple[dict, int]:
         args.update(seq_len=64, val_fraction=0.1)
     if config["model"]["init_args"].get("model_path") is None:
         config["model"]["init_args"].setdefault("config", {})["num_hidden_layers"] = 3
+    trainer["callbacks"].append({"class_path": "recompute_probe.RecomputeProbe"})
     config["optimizer"]["init_args"]["lr"] = 1e-3
     if (scheduler := config.get("lr_scheduler")) and "T_max" in scheduler.get("init_args", {}):
         scheduler["init_args"]["T_max"] = STEPS
@@ -118,8 +120,14 @@ def _run(config: dict, devices: int, root: Path) -> None:
         main(["fit", "--config", str(path)])
         return
     console_script = Path(sys.executable).parent / "lightning-memopt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [str(console_script), "fit", "--config", str(path)], cwd=root, capture_output=True, text=True, timeout=600
+        [str(console_script), "fit", "--config", str(path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -144,6 +152,17 @@ def test_recipe_runs_end_to_end(recipe: Path, model_dir: Path, tmp_path: Path, m
     if _callback(config, "SampleGeneration") is not None:
         lines = (log_dir / "samples.jsonl").read_text().splitlines()
         assert len(lines) == 2 * len(_callback(config, "SampleGeneration")["prompts"])
+
+    # gradient checkpointing ran on every rank, and backward stopped at the active layer: the active layer and those
+    # above it ran twice per step (forward, recomputed in backward), those below it once
+    checkpointing = config["model"]["init_args"].get("gradient_checkpointing", False)
+    for rank in range(devices):
+        steps = json.loads((tmp_path / "run" / f"recompute-rank{rank}.json").read_text())
+        assert len(steps) == STEPS * config["trainer"].get("accumulate_grad_batches", 1)
+        for step in steps:
+            active = int(step["active"].rsplit(".", 1)[-1]) if ".layers." in step["active"] else 0
+            twice = [2 if checkpointing and i >= active else 1 for i in range(3)]
+            assert step["calls"] == twice, (rank, step)
 
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     if config["model"]["init_args"].get("model_path") is None:
