@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint typecheck unit bench bench-comm clean
+.PHONY: install quickstart test lint typecheck unit bench bench-comm bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 
 bench-comm: $(STAMP)
 	$(BIN)/python -m lightning_memopt.bench comm --out bench_results
+
+bench-finetune: $(STAMP)
+	$(BIN)/python -m lightning_memopt.bench finetune --out bench_results/finetune
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs

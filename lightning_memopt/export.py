@@ -19,7 +19,10 @@ An ``hf`` export also holds the tokenizer (``save_pretrained``), so ``AutoTokeni
 next to the model. Its source, first that applies: ``--tokenizer DIR``; the datamodule's ``tokenizer``
 hyper-parameter in the checkpoint (``TextDataModule(tokenizer=...)`` and ``InstructionDataModule`` record it); the
 module's ``model_path`` when that directory holds tokenizer files. Without any, the model is exported alone (an info
-line says so); ``--no-tokenizer`` skips it.
+line says so); ``--no-tokenizer`` skips it. A run of :class:`~lightning_memopt.data.InstructionDataModule` on the
+``plain`` template (``template: plain``, or ``auto`` with a tokenizer that has no chat template) gets that template
+written into the exported tokenizer as its chat template (:func:`plain_chat_template`), so
+``tokenizer.apply_chat_template`` renders prompts exactly as the training data were.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: nothing in it is executed. The module class it names is
 imported and constructed (as ``LightningModule.load_from_checkpoint`` does), and only when it is a LightningModule
@@ -40,6 +43,7 @@ import importlib
 import json
 import os
 import pickle
+import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,8 +65,10 @@ __all__ = [
     "load_checkpoint",
     "main",
     "module_spec",
+    "plain_chat_template",
     "save_safetensors",
     "tokenizer_source",
+    "training_chat_template",
 ]
 
 Format = Literal["auto", "hf", "safetensors"]
@@ -319,6 +325,111 @@ def tokenizer_source(
     return None
 
 
+def plain_chat_template(system_prompt: str | None = None) -> str:
+    """A Jinja chat template that renders a conversation as :func:`~lightning_memopt.instruct.render_plain` does with
+    the tokenizer's BOS and EOS tokens, for ``tokenizer.apply_chat_template``.
+
+    Built from :data:`~lightning_memopt.instruct.PLAIN_TEMPLATE`, so the two cannot drift apart. ``system_prompt``
+    (``InstructionDataModule(system_prompt=...)``) opens every conversation that has no system turn, as it did in
+    training. Roles other than the template's raise an error when rendered.
+
+    Example::
+
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> from tokenizers import Tokenizer, models
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="</s>")
+        >>> tokenizer.chat_template = plain_chat_template()
+        >>> tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+        ...                               add_generation_prompt=True)
+        '### User:\\nHi\\n\\n### Assistant:\\n'
+    """
+    from lightning_memopt.instruct import PLAIN_TEMPLATE
+
+    def rendered(piece: str, content: str) -> str:
+        # each PLAIN_TEMPLATE entry as Jinja expressions: its text as string literals, {content} and {eos} as variables
+        out = []
+        for text, field, _, _ in string.Formatter().parse(piece):
+            if text:
+                out.append("{{ " + _jinja_string(text) + " }}")
+            if field == "content":
+                out.append("{{ " + content + " }}")
+            elif field == "eos":
+                out.append("{{ eos_token }}")
+            elif field is not None:
+                raise ValueError(f"PLAIN_TEMPLATE has a field {{{field}}} that plain_chat_template does not know.")
+        return "".join(out)
+
+    roles = [role for role in PLAIN_TEMPLATE if role != "generation_prompt"]
+    parts = ["{% if bos_token %}{{ bos_token }}{% endif %}"]
+    if system_prompt is not None:
+        parts.append(
+            "{% set ns = namespace(system=false) %}"
+            "{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.system = true %}{% endif %}"
+            "{% endfor %}"
+            "{% if not ns.system %}" + rendered(PLAIN_TEMPLATE["system"], _jinja_string(system_prompt)) + "{% endif %}"
+        )
+    parts.append("{% for message in messages %}")
+    for i, role in enumerate(roles):
+        parts.append(("{% if" if i == 0 else "{% elif") + f" message['role'] == {_jinja_string(role)} %}}")
+        parts.append(rendered(PLAIN_TEMPLATE[role], "message['content']"))
+    error = f"The plain template knows the roles {', '.join(roles)}, not "
+    parts.append("{% else %}{{ raise_exception(" + _jinja_string(error) + " + message['role']) }}{% endif %}")
+    parts.append("{% endfor %}")
+    parts.append("{% if add_generation_prompt %}" + rendered(PLAIN_TEMPLATE["generation_prompt"], "") + "{% endif %}")
+    return "".join(parts)
+
+
+def _jinja_string(text: str) -> str:
+    # a JSON string is a valid Jinja string literal: Jinja undoes the same backslash escapes
+    return json.dumps(text, ensure_ascii=False)
+
+
+def training_chat_template(checkpoint: Mapping[str, Any], tokenizer: Any) -> str | None:
+    """The chat template the exported ``tokenizer`` needs to render prompts as the checkpoint's run trained on them:
+    :func:`plain_chat_template` when the run's data module was an
+    :class:`~lightning_memopt.data.InstructionDataModule` with a tokenizer whose template resolved to ``plain``
+    (``template="plain"``, or ``"auto"`` and ``tokenizer`` has no chat template); ``None`` otherwise (the tokenizer's
+    own template, if any, is the training format, or the run did not train on conversations).
+
+    Example::
+
+        >>> data = {"_class_path": "lightning_memopt.data.InstructionDataModule", "tokenizer": "m", "template": "plain"}
+        >>> training_chat_template({"datamodule_hyper_parameters": data}, tokenizer=None) == plain_chat_template()
+        True
+        >>> text = {"tokenizer": "llama", "seq_len": 512}  # a TextDataModule run
+        >>> training_chat_template({"datamodule_hyper_parameters": text}, tokenizer=None) is None
+        True
+    """
+    hparams = _instruction_hparams(checkpoint)
+    if hparams is None or not hparams.get("tokenizer"):
+        return None  # not conversations, or byte-level ones: no tokenizer can render those bytes
+    template = hparams.get("template", "auto")
+    if template == "plain" or (template == "auto" and not getattr(tokenizer, "chat_template", None)):
+        system_prompt = hparams.get("system_prompt")
+        return plain_chat_template(system_prompt if isinstance(system_prompt, str) else None)
+    return None
+
+
+def _instruction_hparams(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    from lightning_memopt.instruct import InstructionDataModule
+
+    hparams = checkpoint.get("datamodule_hyper_parameters")
+    if not isinstance(hparams, Mapping):
+        return None
+    class_path = hparams.get("_class_path")  # LightningCLI's; a plain Trainer run records the arguments alone
+    if isinstance(class_path, str):
+        module_name, _, class_name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError):
+            cls = None
+        if isinstance(cls, type):
+            return hparams if issubclass(cls, InstructionDataModule) else None
+    # save_hyperparameters() records every argument, defaults included; these ones only InstructionDataModule has
+    arguments = ("paths", "tokenizer", "template", "system_prompt", "train_on")
+    return hparams if all(name in hparams for name in arguments) else None
+
+
 def _load_tokenizer(path: str, source: str) -> Any:
     from lightning_memopt.data import load_tokenizer
 
@@ -423,8 +534,18 @@ def export_checkpoint(
     hf_model.save_pretrained(out)  # type: ignore[operator]
     rank_zero_info(f"export: wrote a Hugging Face model ({type(hf_model).__name__}, {target}) to {out}")
     if hf_tokenizer is not None and found is not None:
+        chat_template = training_chat_template(checkpoint, hf_tokenizer)
+        replaced = " in place of its own" if getattr(hf_tokenizer, "chat_template", None) else ""
+        if chat_template is not None:
+            hf_tokenizer.chat_template = chat_template
         hf_tokenizer.save_pretrained(out)
         rank_zero_info(f"export: wrote the tokenizer from {found[0]} ({found[1]}) to {out}")
+        if chat_template is not None:
+            rank_zero_info(
+                "export: the run trained on InstructionDataModule's plain template; "
+                f"it is the exported tokenizer's chat template{replaced}, so apply_chat_template renders prompts as "
+                "in training"
+            )
     elif write_tokenizer:
         rank_zero_info(
             "export: no tokenizer written: neither the checkpoint's datamodule nor the module's model_path names one. "

@@ -94,7 +94,7 @@ TEMPLATES = ("auto", "chat", "plain")
 TRAIN_ON = ("responses", "all")
 OVERLONG = ("truncate", "drop", "error")
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _DATASETS_HINT_SHOWN = False
 
 
@@ -122,17 +122,26 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """The JSON objects of a JSON-lines file with their 1-based line numbers; blank lines are skipped.
 
     Raises:
-        ValueError: naming ``file:line`` for invalid JSON or a line that is not an object, and for a file that holds
-            one JSON array (as ``alpaca_data.json`` does) instead of JSON lines.
+        ValueError: naming ``file:line`` for bytes that are not UTF-8, invalid JSON or a line that is not an object,
+            and for a file that holds one JSON array (as ``alpaca_data.json`` does) instead of JSON lines.
     """
     with path.open("rb") as lines:
-        for number, line in enumerate(lines, start=1):
+        for number, raw in enumerate(lines, start=1):
+            try:
+                # A byte-order mark may open the file (some Windows editors write one).
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{number}: byte {err.start + 1} of the line ({raw[err.start : err.start + 1]!r}) is not"
+                    " UTF-8; instruction files must be UTF-8 encoded. Convert the file, e.g. with"
+                    f" `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}` (name its real encoding)."
+                ) from err
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                if number == 1 and line.lstrip().startswith(b"["):
+                if number == 1 and line.lstrip().startswith("["):
                     raise ValueError(
                         f"{path}:1 starts a JSON array, but instruction data must be JSON lines (one object per"
                         f" line). Convert it, e.g. with `jq -c '.[]' {path.name} > {path.stem}.jsonl`."
@@ -232,7 +241,7 @@ def to_messages(
 
     Raises:
         ValueError: naming ``where`` (``file:line``) for a missing field, a wrong type, an unknown role, an empty
-            response or a conversation without an assistant turn, or one that starts with one.
+            response or prompt (user turn), or a conversation without an assistant turn, or one that starts with one.
 
     Example::
 
@@ -290,6 +299,14 @@ def to_messages(
     for index in responses:
         if not messages[index]["content"].strip():
             raise ValueError(f"{where}: turn {index} is an empty response. Fill it in or remove the record.")
+    for index, message in enumerate(messages):
+        if message["role"] == "user" and not message["content"].strip():
+            what = (
+                f"the {_field(fields, 'instruction')!r} is empty and there is no {_field(fields, 'input')!r}"
+                if format == "alpaca"
+                else f"turn {index} is an empty user turn"
+            )
+            raise ValueError(f"{where}: {what}, so the response answers nothing. Fill it in or remove the record.")
     if all(message["role"] == "system" for message in messages[: responses[0]]):
         raise ValueError(
             f"{where}: the conversation starts with an assistant turn; a response needs a user turn before it."
@@ -419,6 +436,12 @@ def label_tokens(
     return np.where(inside, ids, IGNORE_INDEX).tolist()
 
 
+def _tokenizer_name(tokenizer: Any) -> str:
+    # The directory it was loaded from is what the user wrote and can change; the class is an implementation detail.
+    path = getattr(tokenizer, "name_or_path", None)
+    return f"at {str(path)!r}" if path else f"{type(tokenizer).__name__} (loaded from memory)"
+
+
 def _byte_offsets(text: str) -> list[tuple[int, int]]:
     return [(index, index + 1) for index, char in enumerate(text) for _ in range(len(char.encode("utf-8")))]
 
@@ -450,14 +473,16 @@ class ConversationEncoder:
             raise ValueError(f"train_on should be one of {list(TRAIN_ON)} but is: {train_on!r}")
         has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_template:
-            source = "byte-level tokens have" if tokenizer is None else f"the tokenizer {type(tokenizer).__name__} has"
+            source = (
+                "byte-level tokens have" if tokenizer is None else f"the tokenizer {_tokenizer_name(tokenizer)} has"
+            )
             raise ValueError(
                 f"template='chat' but {source} no chat template. Use `template: plain` (or `auto`), or pass a"
                 " tokenizer whose tokenizer_config.json (or chat_template.jinja) defines one."
             )
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
             raise ValueError(
-                f"The tokenizer {type(tokenizer).__name__} is a slow (Python) tokenizer; locating response tokens"
+                f"The tokenizer {_tokenizer_name(tokenizer)} is a slow (Python) tokenizer; locating response tokens"
                 " needs character offsets, which only fast tokenizers give. Use a directory with a tokenizer.json."
             )
         self.tokenizer = tokenizer
@@ -471,7 +496,7 @@ class ConversationEncoder:
             self._eos = tokenizer.eos_token or ""
             if self.template == "plain" and not self._eos:
                 raise ValueError(
-                    f"The tokenizer {type(tokenizer).__name__} has no end-of-sequence token, which the plain template"
+                    f"The tokenizer {_tokenizer_name(tokenizer)} has no end-of-sequence token, which the plain template"
                     " ends every response with. Set `eos_token` in its tokenizer_config.json."
                 )
 
@@ -634,13 +659,21 @@ def tokenize_files(
 
     Samples longer than ``max_length`` are cut there (``overlong="truncate"``), skipped (``"drop"``) or refused
     (``"error"``). The counts: ``samples`` kept, ``truncated``, ``dropped``, ``response_tokens_cut`` (labelled tokens
-    beyond ``max_length``, in truncated and dropped samples) and ``tokens`` kept.
+    beyond ``max_length`` in truncated samples), ``response_tokens_dropped`` (every labelled token of the dropped
+    samples) and ``tokens`` kept. Labelled tokens count from a sample's second token: the first is never predicted.
 
     Raises:
         ValueError: naming ``file:line`` for bad records, for an overlong sample under ``"error"``, and for a sample
             whose every response token lies beyond ``max_length`` under ``"truncate"``.
     """
-    stats = {"samples": 0, "truncated": 0, "dropped": 0, "response_tokens_cut": 0, "tokens": 0}
+    stats = {
+        "samples": 0,
+        "truncated": 0,
+        "dropped": 0,
+        "response_tokens_cut": 0,
+        "response_tokens_dropped": 0,
+        "tokens": 0,
+    }
     kept: list[tuple[list[int], list[int]]] = []
 
     def flush(pending: list[tuple[str, list[Message]]]) -> None:
@@ -654,9 +687,9 @@ def tokenize_files(
                         f"{where} has {len(ids)} tokens, more than max_length={max_length}. Raise `max_length`, or set"
                         " `overlong` to 'truncate' (cut it) or 'drop' (skip it)."
                     )
-                stats["response_tokens_cut"] += cut
                 if overlong == "drop":
                     stats["dropped"] += 1
+                    stats["response_tokens_dropped"] += left + cut
                     continue
                 if left == 0:
                     raise ValueError(
@@ -665,6 +698,7 @@ def tokenize_files(
                         " `overlong: drop` to skip such samples."
                     )
                 stats["truncated"] += 1
+                stats["response_tokens_cut"] += cut
                 ids, labels = ids[:max_length], labels[:max_length]
             kept.append((ids, labels))
             stats["tokens"] += len(ids)
@@ -923,39 +957,39 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+_COLUMNS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64}
+
+
 def _save_samples(datasets: Any, samples: TokenizedSamples, path: Path) -> None:
     import pyarrow as pa
 
-    offsets = samples.offsets.to(torch.int64).numpy()
-    table = pa.table(
-        {
-            "input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(samples.input_ids.numpy(), type=pa.int32())),
-            "labels": pa.LargeListArray.from_arrays(offsets, pa.array(samples.labels.numpy(), type=pa.int32())),
-        }
-    )
-    datasets.Dataset(table).save_to_disk(str(path))
+    # One row holding each flat array whole: `save_to_disk` writes record batches of 1,000 rows, and a table of many
+    # chunks could only become one tensor by copying. One row is one chunk, which `_load_samples` maps without a copy.
+    arrays = {"input_ids": samples.input_ids, "labels": samples.labels, "offsets": samples.offsets}
+    columns = {}
+    for name, dtype in _COLUMNS.items():
+        values = pa.array(arrays[name].numpy().astype(dtype, copy=False))
+        columns[name] = pa.LargeListArray.from_arrays(pa.array([0, len(values)], type=pa.int64()), values)
+    datasets.Dataset(pa.table(columns)).save_to_disk(str(path))
 
 
 def _load_samples(datasets: Any, path: Path) -> TokenizedSamples:
     table = datasets.load_from_disk(str(path)).data.table
-    columns = {}
-    offsets = np.zeros(1, dtype=np.int64)
-    for name in ("input_ids", "labels"):
-        pieces, ends = [], [np.zeros(1, dtype=np.int64)]
-        base = 0
-        for chunk in table.column(name).chunks:
-            chunk_offsets = chunk.offsets.to_numpy().astype(np.int64)
-            pieces.append(chunk.flatten().to_numpy(zero_copy_only=False))
-            ends.append(chunk_offsets[1:] - chunk_offsets[0] + base)
-            base += int(chunk_offsets[-1] - chunk_offsets[0])
-        # One chunk (what `save_to_disk` of a small dataset writes) stays memory-mapped, shared by ranks and
-        # workers; it is never written to, so torch's warning about a read-only array does not apply.
-        values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.zeros(0, dtype=np.int32)])
+    tensors = {}
+    for name in _COLUMNS:
+        column = table.column(name)
+        if column.num_chunks != 1 or len(column) != 1:
+            raise ValueError(
+                f"The cache entry {path} holds {len(column)} row(s) in {column.num_chunks} chunk(s) of {name!r}, not"
+                " one: it was not written by this version. Delete it to rebuild it."
+            )
+        values = column.chunk(0).flatten().to_numpy(zero_copy_only=True)
+        # A view of the memory-mapped file, shared by ranks and workers. It is read-only, which torch warns about:
+        # nothing writes to these tensors (`TokenizedSamples` hands out copies).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            columns[name] = torch.from_numpy(values.astype(np.int32, copy=False))
-        offsets = np.concatenate(ends)
-    return TokenizedSamples(columns["input_ids"], columns["labels"], torch.from_numpy(offsets))
+            tensors[name] = torch.from_numpy(values)
+    return TokenizedSamples(tensors["input_ids"], tensors["labels"], tensors["offsets"])
 
 
 @contextlib.contextmanager
@@ -988,8 +1022,8 @@ class InstructionDataModule(LightningDataModule):
 
     Tokenized samples are cached under ``cache_dir`` with Hugging Face ``datasets`` (when installed), keyed by the
     files (path, size, modification time), the tokenizer and every setting that changes tokens; the cache is built
-    in ``prepare_data`` (once per node) and loaded in ``setup``. Samples longer than ``max_length`` are counted in
-    :attr:`stats` and reported in one line.
+    in ``prepare_data`` (once per node) and loaded in ``setup``, memory-mapped without a copy. Samples longer than
+    ``max_length`` are counted in :attr:`stats` and reported in one line, a warning when anything was cut or dropped.
 
     Args:
         paths: files, directories (searched recursively) or glob patterns of ``.jsonl``/``.json`` JSON-lines files.
@@ -1022,7 +1056,8 @@ class InstructionDataModule(LightningDataModule):
 
     Attributes:
         stats: what tokenization did: ``files``, ``samples`` (kept), ``truncated``, ``dropped``,
-            ``response_tokens_cut``, ``tokens``, ``train_samples``, ``val_samples``, and with packing ``train_rows``
+            ``response_tokens_cut`` (past ``max_length`` in truncated samples), ``response_tokens_dropped`` (all of
+            the dropped samples'), ``tokens``, ``train_samples``, ``val_samples``, and with packing ``train_rows``
             and ``val_rows``. Filled by ``setup``.
 
     Example::
@@ -1308,7 +1343,9 @@ class InstructionDataModule(LightningDataModule):
             stats["train_rows"] = len(self.train_set)
             stats["val_rows"] = len(self.val_set) if self.val_set is not None else 0
         self.stats = stats
-        rank_zero_info(self._report())
+        # Lost training signal must not scroll by as one more info line.
+        report = rank_zero_warn if stats["truncated"] or stats["dropped"] else rank_zero_info
+        report(self._report())
 
     def _dataset(self, samples: TokenizedSamples, indices: list[int]) -> _Split | _PackedRows:
         if not self.packing:
@@ -1323,8 +1360,9 @@ class InstructionDataModule(LightningDataModule):
         return (
             f"InstructionDataModule: {stats['samples']:,} samples ({stats['tokens']:,} tokens) from {stats['files']}"
             f" file(s): {stats['train_samples']:,} train, {stats['val_samples']:,} val{rows}; longer than"
-            f" max_length={self.max_length}: {stats['truncated']:,} truncated, {stats['dropped']:,} dropped,"
-            f" {stats['response_tokens_cut']:,} response tokens cut."
+            f" max_length={self.max_length}: {stats['truncated']:,} truncated ({stats['response_tokens_cut']:,}"
+            f" response tokens cut), {stats['dropped']:,} dropped ({stats['response_tokens_dropped']:,} response"
+            " tokens in them)."
         )
 
     def _check_packing_support(self) -> None:

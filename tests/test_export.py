@@ -3,7 +3,10 @@ safetensors, loaded back offline with the same weights, logits and tokenizer.
 
 One tiny CausalLM (tied embeddings) is trained once through the CLI, BAdam in bf16; most export tests read its
 checkpoint. Another, loaded from a pretrained directory with its tokenizer (untied head, the ``model_dir`` fixture),
-is fine-tuned by a plain Trainer for the tokenizer tests, and once under ``badam_fsdp`` on two gloo processes.
+is fine-tuned by a plain Trainer for the tokenizer tests, once on instruction data with the plain template, and once
+under ``badam_fsdp`` on two gloo processes. Every exported model is compared with the trained LightningModule itself
+(for FSDP: the outputs its ranks recorded at the end of fit): bit-identical logits, and transformers' greedy
+``generate`` equal to a greedy decode of the module.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import lightning_memopt.export
 from lightning_memopt import BAdamStrategy, BlockSwitch
 from lightning_memopt.callbacks.sample_generation import greedy_generate
 from lightning_memopt.cli import MemoptCLI, main
-from lightning_memopt.data import TextDataModule
+from lightning_memopt.data import InstructionDataModule, TextDataModule
 from lightning_memopt.export import TOKENIZER_FILES
+from lightning_memopt.instruct import render_plain
 from lightning_memopt.lm import CausalLM
 
 MODEL_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "tie_word_embeddings": True}
-NO_PACK_SCRIPT = Path(__file__).parent / "load_without_pack.py"
+TESTS = Path(__file__).parent
+NO_PACK_SCRIPT = TESTS / "load_without_pack.py"
+DOCS = Path(__file__).parents[1] / "docs"
 
 
 def _cli_config(root: Path) -> dict:
@@ -76,16 +82,32 @@ def cli_run(tmp_path_factory):
     return cli.model, checkpoint, saved_config
 
 
-def _reference_logits(module: CausalLM, x: torch.Tensor) -> torch.Tensor:
-    """The trained model's logits, with the rotary buffers a loader recomputes.
+def _greedy(loaded, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy ``generate``: the new tokens, up to the model's EOS."""
+    ids = torch.tensor([prompt])
+    # use_cache=False: the KV-cached path sums in another order, which can flip a near-tie in bf16; without the cache
+    # generate recomputes the whole sequence for each token, as greedy_generate does
+    out = loaded.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, use_cache=False
+    )
+    return out[0, len(prompt) :].tolist()
 
-    Lightning's ``bf16-true`` casts every floating buffer of the module, the non-persistent rotary ``inv_freq``
-    included; ``from_pretrained`` (like a fresh module) recomputes it in FP32. The weights are what the export carries.
-    """
-    hf = copy.deepcopy(module.model)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
+
+def _eos_ids(loaded) -> list[int]:
+    eos = loaded.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _assert_computes_as(loaded, module: CausalLM, x: torch.Tensor, prompt: list[int], max_new_tokens: int = 8) -> None:
+    """The exported model is the trained LightningModule: bit-identical logits on ``x``, and its greedy ``generate``
+    continues ``prompt`` exactly as a greedy decode with the module does."""
+    module.eval()
     with torch.no_grad():
-        return hf(input_ids=x).logits
+        logits = loaded(input_ids=x).logits
+        assert logits.dtype == next(module.parameters()).dtype
+        assert torch.equal(logits, module(x))
+    expected, _ = greedy_generate(module, prompt, max_new_tokens, stop_token_ids=_eos_ids(loaded))
+    assert _greedy(loaded, prompt, max_new_tokens) == expected
 
 
 def _tokens() -> torch.Tensor:
@@ -121,9 +143,7 @@ def test_cli_run_exports_a_transformers_model_that_loads_offline(cli_run, tmp_pa
     assert set(dict(loaded.named_parameters())) == set(trained)
     for name, param in loaded.named_parameters():
         assert torch.equal(param, trained[name]), name
-    with torch.no_grad():
-        logits = loaded(input_ids=_tokens()).logits
-    assert torch.equal(logits, _reference_logits(module, _tokens()))
+    _assert_computes_as(loaded, module, _tokens(), _tokens()[0, :12].tolist())
 
 
 @pytest.mark.parametrize("source", ["--module", "--config", "config.yaml next to the run"])
@@ -143,13 +163,11 @@ def test_the_module_class_comes_from_options_or_the_runs_config(cli_run, tmp_pat
     main(["export", str(ckpt), str(out), "--format", "hf", "--dtype", "float32", *args])
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert loaded.dtype == torch.float32
-    with torch.no_grad():
-        logits = loaded(input_ids=_tokens()).logits
-    # bf16 weights widened to FP32 exactly: the FP32 export computes what the trained weights compute in FP32
-    torch.testing.assert_close(logits.to(torch.bfloat16), _reference_logits(module, _tokens()), rtol=0.02, atol=0.02)
     trained = dict(module.model.named_parameters())
     for name, param in loaded.named_parameters():
         assert torch.equal(param, trained[name].float()), name
+    # bf16 weights widened to FP32 exactly: the FP32 export computes what the trained module computes in FP32
+    _assert_computes_as(loaded, copy.deepcopy(module).float(), _tokens(), _tokens()[0, :12].tolist())
 
 
 def test_safetensors_export_holds_the_modules_state_dict(cli_run, tmp_path):
@@ -173,7 +191,7 @@ def test_safetensors_export_holds_the_modules_state_dict(cli_run, tmp_path):
     # anyone can rebuild the module and load the file strictly, without Lightning's checkpoint machinery
     fresh = CausalLM(config=MODEL_CONFIG)
     fresh.load_state_dict(tensors, strict=True)
-    fresh.to(torch.bfloat16)  # what bf16-true did to the trained module, buffers included
+    fresh.to(torch.bfloat16)  # what bf16-true did to the trained module (CausalLM keeps its rotary frequencies FP32)
     with torch.no_grad():
         assert torch.equal(fresh(_tokens()), module(_tokens()))
 
@@ -361,22 +379,9 @@ def test_a_fine_tuned_pretrained_model_exports_with_its_tokenizer(pretrained_run
     assert tokenizer.chat_template == original.chat_template and tokenizer.eos_token == original.eos_token
     assert loaded.dtype == torch.bfloat16
 
-    # the same logits, exactly, as the LightningModule rebuilt from the checkpoint and as the trained one
-    rebuilt = CausalLM.load_from_checkpoint(checkpoint).eval()
-    prompt = _prompt_ids(tokenizer)
+    # the trained LightningModule's logits, exactly, and its greedy continuation of a chat prompt
     x = torch.tensor([tokenizer("def wrap(text, width=70):")["input_ids"]])
-    with torch.no_grad():
-        logits = loaded(input_ids=x).logits
-        assert torch.equal(logits, rebuilt(x))
-    assert torch.equal(logits, _reference_logits(module, x))
-
-    # transformers' greedy generate continues a chat prompt as a greedy decode with the LightningModule does
-    ids = torch.tensor([prompt])
-    # use_cache=False: the KV-cached path sums in another order, which can flip a near-tie in bf16
-    generated = loaded.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, use_cache=False
-    )[0, len(prompt) :].tolist()
-    assert generated == greedy_generate(rebuilt, prompt, 8, stop_token_ids=[tokenizer.eos_token_id])[0]
+    _assert_computes_as(loaded, module, x, _prompt_ids(tokenizer))
 
     # the untied head is exported as BAdam trained it; the frozen embedding as it was
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
@@ -389,28 +394,30 @@ def test_a_fine_tuned_pretrained_model_exports_with_its_tokenizer(pretrained_run
     assert torch.equal(loaded.model.embed_tokens.weight, pretrained.model.embed_tokens.weight)
 
 
-def test_float16_export_rounds_only_the_arithmetic(pretrained_run, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_float16_export_is_the_module_in_float16(pretrained_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, checkpoint = pretrained_run
+    module, checkpoint = pretrained_run
     out = tmp_path / "fp16"
     main(["export", str(checkpoint), str(out), "--module", "lightning_memopt.lm.CausalLM", "--dtype", "float16"])
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert loaded.dtype == torch.float16
-    reference = CausalLM.load_from_checkpoint(checkpoint).eval()
-    # bf16 -> fp16 rounds a weight by at most half an fp16 ulp: exact where fp16 has the bits (it has more mantissa),
-    # rounded only for the tiny values below fp16's normal range (2^-14), whose spacing is 2^-24
-    trained = dict(reference.model.named_parameters())
+    half = copy.deepcopy(module).to(torch.float16)
+    trained = dict(module.model.named_parameters())
     for name, param in loaded.named_parameters():
+        assert torch.equal(param, half.model.get_parameter(name)), name
+        # bf16 -> fp16 rounds a weight by at most half an fp16 ulp: exact where fp16 has the bits (it has more
+        # mantissa), rounded only for the tiny values below fp16's normal range (2^-14), whose spacing is 2^-24
         want = trained[name].float()
         torch.testing.assert_close(param.float(), want, rtol=2**-11, atol=2**-25, msg=name)
         assert torch.equal(param.float()[want.abs() >= 2**-14], want[want.abs() >= 2**-14]), name
-    reference.float()
-    x = torch.tensor([[5, 77, 301, 12, 460, 88, 2, 199]])  # short: fp16 matmul is slow on CPU
+    # short inputs and few tokens: fp16 matmul is slow on CPU
+    x = torch.tensor([[5, 77, 301, 12, 460, 88, 2, 199]])
+    _assert_computes_as(loaded, half, x, _prompt_ids(AutoTokenizer.from_pretrained(out)), max_new_tokens=4)
+    # and within fp16 rounding of what the trained weights compute in FP32
     with torch.no_grad():
-        half, full = loaded(input_ids=x).logits, reference(x)
-    assert half.dtype == torch.float16
-    torch.testing.assert_close(half.float(), full, rtol=1e-2, atol=2e-3)
+        full = copy.deepcopy(module).float()(x)
+        torch.testing.assert_close(loaded(input_ids=x).logits.float(), full, rtol=1e-2, atol=2e-3)
 
 
 def _tokenizer_dir(model_dir: Path, out: Path, model_max_length: int) -> Path:
@@ -499,13 +506,21 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_flagged(cli_run, model
         main(["export", str(checkpoint), str(tmp_path / "hf"), "--tokenizer", str(model_dir)])
 
 
+ANSWERS = [("Say hello.", "Hello!"), ("Count to three.", "One, two, three."), ("Name a colour.", "Blue.")]
+
+
+def _instructions(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in ANSWERS * 3))
+    return path
+
+
 def test_a_badam_fsdp_checkpoint_from_the_cli_exports(model_dir, tmp_path):
-    """``lightning-memopt fit`` on two gloo processes (~20 s), instruction data; the consolidated checkpoint exports."""
+    """``lightning-memopt fit`` on two gloo processes (~20 s), instruction data; the consolidated checkpoint exports
+    the model that the sharded module was at the end of fit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    instructions = tmp_path / "train.jsonl"
-    answers = [("Say hello.", "Hello!"), ("Count to three.", "One, two, three."), ("Name a colour.", "Blue.")] * 3
-    instructions.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in answers))
+    instructions = _instructions(tmp_path / "train.jsonl")
+    recorded = tmp_path / "live.pt"
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -526,6 +541,11 @@ def test_a_badam_fsdp_checkpoint_from_the_cli_exports(model_dir, tmp_path):
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True},
+                },
+                # the sharded module's own logits and greedy tokens at the end of fit, saved by rank 0
+                {
+                    "class_path": "live_outputs.RecordOutputs",
+                    "init_args": {"path": str(recorded), "prompt": "Count to three."},
                 },
             ],
         },
@@ -550,7 +570,11 @@ def test_a_badam_fsdp_checkpoint_from_the_cli_exports(model_dir, tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "lightning-memopt"), "fit", "--config", str(recipe)],
         cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+        },
         capture_output=True,
         text=True,
         timeout=300,
@@ -566,13 +590,106 @@ def test_a_badam_fsdp_checkpoint_from_the_cli_exports(model_dir, tmp_path):
     main(["export", str(last), str(out)])
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert tokenizer.chat_template is not None
-    rebuilt = CausalLM.load_from_checkpoint(last).eval()
+    # a chat-template run: the tokenizer's own template is the training format, kept as it is
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(model_dir, local_files_only=True).chat_template
     pretrained = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     assert not torch.equal(loaded.model.layers[0].mlp.up_proj.weight, pretrained.model.layers[0].mlp.up_proj.weight)
-    x = torch.tensor([tokenizer("def wrap(text, width=70):")["input_ids"]])
+
+    live = torch.load(recorded, weights_only=True)
+    prompt = live["prompt_ids"]
+    assert (
+        prompt
+        == tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Count to three."}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+    )
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=x).logits, rebuilt(x))
+        assert torch.equal(loaded(input_ids=torch.tensor([prompt])).logits, live["logits"])
+        assert not torch.equal(pretrained(input_ids=torch.tensor([prompt])).logits, live["logits"])  # it trained
+    assert _greedy(loaded, prompt, 8) == live["tokens"]
+
+
+def _chat_example(section: str) -> str:
+    """The Python block of a section of docs/instruction-tuning.md."""
+    text = (DOCS / "instruction-tuning.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("case", ["auto, tokenizer without a chat template", "template: plain, system_prompt"])
+def test_a_plain_template_run_exports_its_format_as_the_chat_template(model_dir, tmp_path, capsys, case):
+    """Chatting with the export renders prompts exactly as InstructionDataModule's plain template rendered the
+    training data, also where the tokenizer had no chat template at all, or another one."""
+    from pretrained import make_model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if case.startswith("auto"):
+        base, template, system_prompt = make_model_dir(tmp_path / "no_template", chat_template=False), "auto", None
+        assert AutoTokenizer.from_pretrained(base, local_files_only=True).chat_template is None
+    else:
+        base, template, system_prompt = model_dir, "plain", 'Answer in "one" line.\n'
+    data = InstructionDataModule(
+        [str(_instructions(tmp_path / "train.jsonl"))],
+        tokenizer=str(base),
+        template=template,
+        system_prompt=system_prompt,
+        max_length=64,
+        batch_size=2,
+        val_fraction=0.0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    L.seed_everything(0)
+    module = CausalLM(model_path=str(base), lr=1e-2)
+    trainer = L.Trainer(
+        strategy=BAdamStrategy(include_lm_head=True),
+        precision="bf16-true",
+        max_steps=2,
+        callbacks=[BlockSwitch(every=1, order="descending")],
+        **trainer_kwargs(tmp_path),
+    )
+    trainer.fit(module, data)
+    checkpoint = tmp_path / "plain.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    out = tmp_path / "hf"
+    with _info_messages() as messages:
+        main(["export", str(checkpoint), str(out), "--module", "lightning_memopt.lm.CausalLM"])
+
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    chat = [
+        {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": 'Now "count" to three.'},
+        {"role": "assistant", "content": "One, two, three."},
+    ]
+
+    def as_trained(turns: list[dict]) -> list[dict]:
+        # InstructionDataModule opens a conversation without a system turn with its system_prompt
+        if system_prompt is None or any(turn["role"] == "system" for turn in turns):
+            return turns
+        return [{"role": "system", "content": system_prompt}, *turns]
+
+    for conversation in (chat, [{"role": "system", "content": "Be brief."}, *chat]):
+        for generation_prompt, turns in ((False, conversation), (True, conversation[:3])):
+            expected, _ = render_plain(
+                as_trained(turns), tokenizer.bos_token, tokenizer.eos_token, add_generation_prompt=generation_prompt
+            )
+            assert tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt) == (
+                expected
+            )
+        # the prompt's token ids are those the data module encodes for generation (SampleGeneration's)
+        ids = tokenizer.apply_chat_template(conversation[:3], add_generation_prompt=True, return_dict=True)
+        assert ids["input_ids"] == data.encode_prompt(conversation[:3])
+    replaced = "in place of its own" if template == "plain" else "chat template, so"
+    assert any("plain template" in m and replaced in m for m in messages)
+
+    # the model continues such a prompt as the trained module does
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    prompt = data.encode_prompt("Count to three.")
+    _assert_computes_as(loaded, module, torch.tensor([prompt]), prompt)
+    # and the docs' chat example runs on it as written
+    capsys.readouterr()
+    exec(_chat_example("Export and chat with the result").replace('"my-model"', repr(str(out))), {})
+    assert capsys.readouterr().out.endswith("\n")
 
 
 def test_docstring_examples():

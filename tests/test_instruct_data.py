@@ -1,11 +1,14 @@
-"""InstructionDataModule: formats, masking checked against the tokenizer's own rendering, truncation, errors, padding,
-packing checked against a real model, length grouping, the on-disk cache, validation splits and a real fit."""
+"""InstructionDataModule: formats, masking checked against the tokenizer's own rendering (ChatML and Llama 3
+templates), truncation, errors, padding, packing checked against a real model and CausalLM's loss, length grouping,
+the memory-mapped on-disk cache, validation splits and a real fit whose val_loss is recomputed by hand."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lightning_memopt.instruct as instruct
 from lightning_memopt.data import EOS_BYTE, InstructionDataModule
 from lightning_memopt.instruct import ConversationEncoder, render_chat
-from lightning_memopt.lm import IGNORE_INDEX, CausalLM
+from lightning_memopt.lm import IGNORE_INDEX, CausalLM, next_token_loss
+
+# Many fixtures here are longer than their max_length on purpose; the tests that check the report catch it themselves.
+pytestmark = pytest.mark.filterwarnings("ignore:InstructionDataModule.*truncated:UserWarning")
 
 END = "<|im_end|>\n"  # what the test template renders after every turn's content
+
+# Llama 3's own template, with its header and end-of-turn markers.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3_END = "<|eot_id|>"
+
+
+def make_llama3_tokenizer(out: Path) -> Path:
+    """The test BPE tokenizer with Llama 3's marker tokens and chat template; like Llama 3, its EOS token is
+    ``<|end_of_text|>``, not the end-of-turn ``<|eot_id|>``."""
+    tokenizer = make_tokenizer(chat_template=False)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", LLAMA3_END]}
+    )
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +66,15 @@ def plain_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="module", params=["chatml", "llama3"])
+def chat_tokenizer(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tokenizer with a chat template and what that template renders after each turn's content."""
+    if request.param == "chatml":
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True), END
+    directory = make_llama3_tokenizer(tmp_path_factory.mktemp("llama3-tokenizer"))
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True), LLAMA3_END
 
 
 def _data(paths: list[Path], tmp_path: Path, **kwargs: Any) -> InstructionDataModule:
@@ -117,11 +155,14 @@ EXPECTED_MESSAGES = [
 ]
 
 
-def _assert_masked_like_the_template(tokenizer: Any, sample: dict[str, torch.Tensor], messages: list[dict]) -> None:
+def _assert_masked_like_the_template(
+    tokenizer: Any, sample: dict[str, torch.Tensor], messages: list[dict], end: str = END
+) -> None:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert sample["input_ids"].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
     responses = [m["content"] for m in messages if m["role"] == "assistant"]
-    assert _decoded_runs(tokenizer, sample) == [response + END for response in responses]
+    # each labelled run is one response and its end-of-turn marker; every other token is IGNORE_INDEX (`_runs`)
+    assert _decoded_runs(tokenizer, sample) == [response + end for response in responses]
     # Everything else (BOS, system, user turns, the assistant headers) is ignored.
     unlabelled = tokenizer.decode(sample["input_ids"][sample["labels"] == IGNORE_INDEX].tolist())
     for message in messages:
@@ -131,20 +172,24 @@ def _assert_masked_like_the_template(tokenizer: Any, sample: dict[str, torch.Ten
 
 
 def test_three_formats_are_detected_per_file_and_masked_like_the_chat_template(
-    model_dir: Path, tokenizer: Any, tmp_path: Path
+    chat_tokenizer: tuple[Any, str], tmp_path: Path
 ) -> None:
+    tokenizer, end = chat_tokenizer
     folder = tmp_path / "data"
     write_jsonl(folder / "a_alpaca.jsonl", ALPACA)
     write_jsonl(folder / "b_chat.json", CHAT)
     write_jsonl(folder / "c_sharegpt.jsonl", SHAREGPT)
-    data = _data([folder], tmp_path, tokenizer=str(model_dir))
+    data = _data([folder], tmp_path, tokenizer=tokenizer.name_or_path)
     samples = _samples(data)
     assert len(samples) == len(EXPECTED_MESSAGES)
     for sample, messages in zip(samples, EXPECTED_MESSAGES, strict=True):
-        _assert_masked_like_the_template(tokenizer, sample, messages)
+        _assert_masked_like_the_template(tokenizer, sample, messages, end)
     # multi-turn: both assistant turns of the chat record are trained
-    assert _decoded_runs(tokenizer, samples[2]) == ["Paris." + END, "Rome, since 1871." + END]
+    assert _decoded_runs(tokenizer, samples[2]) == ["Paris." + end, "Rome, since 1871." + end]
     assert data.stats["samples"] == 5 and data.stats["files"] == 3 and data.stats["truncated"] == 0
+    # generation stops at the template's end-of-turn marker, not at the tokenizer's EOS token
+    marker = tokenizer.convert_tokens_to_ids(end.strip())
+    assert data.eos_token_id == marker != tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize(
@@ -212,7 +257,9 @@ def test_plain_template_for_a_tokenizer_without_chat_template(plain_tokenizer_di
     assert data.eos_token_id == tokenizer.eos_token_id
     prompt = data.encode_prompt("Capital of Spain?")
     assert tokenizer.decode(prompt) == "<|begin_of_text|>### User:\nCapital of Spain?\n\n### Assistant:\n"
-    with pytest.raises(ValueError, match=r"template='chat' but the tokenizer .* has no chat template.*template: plain"):
+    # the message names the directory the user passed, not the tokenizer's class
+    named = re.escape(repr(str(plain_tokenizer_dir)))
+    with pytest.raises(ValueError, match=rf"template='chat' but the tokenizer at {named} has no chat template.*plain"):
         _data([path], tmp_path, tokenizer=str(plain_tokenizer_dir), template="chat")
 
 
@@ -278,10 +325,14 @@ def test_truncation_is_counted_and_never_silent(tmp_path: Path) -> None:
     assert [len(sample["input_ids"]) for sample in _samples(data)] == [41, 50, 50]
     assert data.stats["truncated"] == 2 and data.stats["dropped"] == 0
     assert data.stats["response_tokens_cut"] == (69 - 50) + (59 - 50)
+    assert data.stats["response_tokens_dropped"] == 0
 
     dropped = _lengths_data(tmp_path, records, max_length=50, overlong="drop")
     assert [len(sample["input_ids"]) for sample in _samples(dropped)] == [41]
     assert dropped.stats["dropped"] == 2 and dropped.stats["truncated"] == 0 and dropped.stats["samples"] == 1
+    # a dropped sample loses all its response tokens, not only those past max_length
+    assert dropped.stats["response_tokens_dropped"] == (69 - 28) + (59 - 28)
+    assert dropped.stats["response_tokens_cut"] == 0
 
     with pytest.raises(ValueError, match=r"data.jsonl:2 has 71 tokens, more than max_length=50.*'truncate'"):
         _lengths_data(tmp_path, records, max_length=50, overlong="error")
@@ -289,15 +340,35 @@ def test_truncation_is_counted_and_never_silent(tmp_path: Path) -> None:
     long_prompt = [records[0], {"instruction": "x" * 60, "output": "never seen"}]
     with pytest.raises(ValueError, match=r"data.jsonl:2: all 11 response tokens lie beyond.*`overlong: drop`"):
         _lengths_data(tmp_path, long_prompt, max_length=50)
-    assert _lengths_data(tmp_path, long_prompt, max_length=50, overlong="drop").stats["dropped"] == 1
+    skipped = _lengths_data(tmp_path, long_prompt, max_length=50, overlong="drop")
+    assert skipped.stats["dropped"] == 1 and skipped.stats["response_tokens_dropped"] == len("never seen") + 1
 
 
-def test_truncation_is_reported_in_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    records = [{"instruction": "a", "output": "b" * 40}, {"instruction": "a", "output": "b"}]
-    with caplog.at_level(logging.INFO):
-        _lengths_data(tmp_path, records, max_length=50)
-    (line,) = [r.getMessage() for r in caplog.records if "InstructionDataModule:" in r.getMessage()]
-    assert "2 samples" in line and "1 truncated" in line and "0 dropped" in line and "19 response tokens cut" in line
+@pytest.mark.parametrize(
+    ("overlong", "expected"),
+    [
+        ("truncate", "2 samples (92 tokens) ...: 1 truncated (19 response tokens cut), 0 dropped (0 response tokens"),
+        ("drop", "1 samples (42 tokens) ...: 0 truncated (0 response tokens cut), 1 dropped (41 response tokens in"),
+        (None, "2 samples (84 tokens) ...: 0 truncated (0 response tokens cut), 0 dropped (0 response tokens in"),
+    ],
+)
+def test_the_report_is_one_line_and_a_warning_when_tokens_are_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, overlong: str | None, expected: str
+) -> None:
+    # byte-level: 71 and 42 tokens, the first with 41 response tokens ("b" * 40 and the EOS byte) from byte 28 on
+    records = [{"instruction": "a", "output": "b" * 40}, {"instruction": "a", "output": "b" * 11}]
+    if overlong is None:  # nothing longer than max_length
+        records[0]["output"] = "b" * 11
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _lengths_data(tmp_path, records, max_length=50, overlong=overlong or "error")
+    infos = [r.getMessage() for r in caplog.records if r.getMessage().startswith("InstructionDataModule:")]
+    warned = [str(w.message) for w in caught if str(w.message).startswith("InstructionDataModule:")]
+    # lost training signal is a warning (`rank_zero_warn`: printed once under DDP); a clean setup an info line
+    (line,) = warned if overlong else infos
+    assert (infos if overlong else warned) == []
+    head, tail = expected.split(" ...: ")
+    assert line.startswith(f"InstructionDataModule: {head} from 1 file(s)") and f"max_length=50: {tail}" in line
 
 
 GOOD = {"instruction": "Say hi.", "output": "Hi."}
@@ -325,6 +396,21 @@ def _turns(*roles: str) -> str:
         ("alpaca", json.dumps({"text": "Hi"}), r"no 'instruction' field .*found keys \['text'\].*field_map"),
         ("alpaca", json.dumps({"instruction": "Hi", "output": 3}), r"field 'output' must be a string, got int"),
         ("alpaca", json.dumps({"instruction": "Hi", "output": "  "}), r"turn 1 is an empty response"),
+        (
+            "alpaca",
+            json.dumps({"instruction": " ", "output": "Hey"}),
+            r"'instruction' is empty and there is no 'input'",
+        ),
+        (
+            "alpaca",
+            json.dumps({"instruction": "", "input": "", "output": "Hey"}),
+            r"'instruction' is empty and there is no 'input'",
+        ),
+        (
+            "chat",
+            json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "Hey"}]}),
+            r"turn 0 is an empty user turn",
+        ),
         ("chat", _turns("user"), r"has no assistant turn"),
         ("chat", _turns("assistant", "user"), r"starts with an assistant turn"),
         ("chat", _turns("user", "bot"), r"turn 1 has unknown role 'bot'"),
@@ -337,6 +423,18 @@ def _turns(*roles: str) -> str:
             r"'content' must be a string, got NoneType",
         ),
         ("sharegpt", json.dumps({"conversations": [{"from": "robot", "value": "Hey"}]}), r"unknown role 'robot'"),
+        (
+            "sharegpt",
+            json.dumps(
+                {
+                    "conversations": [
+                        {"from": f, "value": v}
+                        for f, v in [("human", "a"), ("gpt", "b"), ("human", "\n"), ("gpt", "c")]
+                    ]
+                }
+            ),
+            r"turn 2 is an empty user turn",
+        ),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path: Path, format: str, bad: str, message: str) -> None:
@@ -345,6 +443,21 @@ def test_bad_records_name_file_and_line(tmp_path: Path, format: str, bad: str, m
     # `auto` takes the format from a file's first record, so the bad one on line 3 is read as that format
     with pytest.raises(ValueError, match=rf"bad.jsonl:3\b.*{message}"):
         _data([path], tmp_path)
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        json.dumps(GOOD).encode() + b"\n" + '{"instruction": "Caf\u00e9?", "output": "Oui."}\n'.encode("latin-1")
+    )
+    with pytest.raises(
+        ValueError, match=r"latin1.jsonl:2: byte 21 of the line \(b'\\xe9'\) is not UTF-8.*must be UTF-8"
+    ):
+        _data([path], tmp_path)
+    # a byte-order mark (what some editors write) is no error
+    marked = tmp_path / "bom.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert _data([marked], tmp_path).stats["samples"] == 1
 
 
 def test_an_undetectable_format_names_the_keys(tmp_path: Path) -> None:
@@ -476,6 +589,34 @@ def test_packed_rows_give_each_sample_the_logits_it_has_alone(model_dir: Path, t
         assert not torch.allclose(mixed[0, later], packed[0, later], atol=1e-3)
 
 
+@pytest.mark.parametrize("train_on", ["responses", "all"])  # "all" labels each sample's first token too
+def test_packed_loss_through_causal_lm_equals_the_samples_alone(model_dir: Path, tmp_path: Path, train_on: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", _packing_records())
+    unpacked = _data([path], tmp_path, tokenizer=str(model_dir), train_on=train_on)
+    data = _data(
+        [path], tmp_path, tokenizer=str(model_dir), train_on=train_on, packing=True, max_length=96, batch_size=2
+    )
+    rows = data.train_set
+    assert isinstance(rows, instruct._PackedRows) and unpacked.train_set is not None
+    batch = data.train_dataloader().collate_fn([rows[0], rows[1]])  # type: ignore[misc]
+    module = CausalLM(model_path=str(model_dir), dtype="float32")
+    with torch.no_grad():
+        packed, tokens = module._loss(batch)  # what `training_step` returns
+        losses, counts = [], []
+        for index in rows.rows[0] + rows.rows[1]:
+            sample = unpacked.train_set[index]
+            loss, count = module._loss({key: value[None] for key, value in sample.items()})
+            losses.append(loss)
+            counts.append(count)
+        alone = sum(loss * count for loss, count in zip(losses, counts, strict=True)) / sum(counts)
+        # the control: without the restarting positions the samples see each other, and the loss changes
+        mixed, _ = module._loss({key: value for key, value in batch.items() if key != "position_ids"})
+    assert int(tokens) == int(sum(counts))
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    # an untrained model leans little on context (about 2e-3 here): ten times the tolerance above tells them apart
+    assert abs(float(mixed) - float(packed)) > 1e-4
+
+
 class _WrapsLlama(LightningModule):
     def __init__(self, model_dir: Path) -> None:
         super().__init__()
@@ -582,6 +723,41 @@ def test_tokenized_samples_are_cached_and_keyed_by_files_and_settings(
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging directory left
 
 
+def _mapped(files: list[Path]) -> list[tuple[int, int]]:
+    """The address ranges at which this process has ``files`` memory-mapped (from Linux's /proc/self/maps)."""
+    names = {os.path.realpath(file) for file in files}
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the memory map of a Linux process")
+def test_cached_samples_stay_memory_mapped_beyond_one_record_batch(tmp_path: Path) -> None:
+    # `datasets` writes record batches of 1,000 rows; 3,000 samples would span three of them, one row per sample
+    records = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(3000)]
+    data = _lengths_data(tmp_path, records, max_length=64)
+    assert data.cache_path is not None and isinstance(data.train_set, instruct._Split)
+    samples = data.train_set.samples
+    ranges = _mapped(list(data.cache_path.rglob("*.arrow")))
+    assert ranges
+    for name in ("input_ids", "labels", "offsets"):
+        tensor = getattr(samples, name)
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        # every rank and data-loader worker reads the same page cache instead of holding a copy
+        assert any(low <= start and end <= high for low, high in ranges), f"{name} is a copy, not the mapped file"
+    fresh, _ = instruct.tokenize_files(
+        instruct.find_instruction_files([str(tmp_path / "data.jsonl")]), ConversationEncoder(None), max_length=64
+    )
+    for name in ("input_ids", "labels", "offsets"):
+        assert torch.equal(getattr(samples, name), getattr(fresh, name))
+    assert data.decode(samples[2999]["input_ids"]).endswith("Answer 2999.\n\n")
+
+
 def test_without_datasets_tokenizes_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -622,16 +798,16 @@ def test_validation_split_by_fraction_and_by_files(model_dir: Path, tmp_path: Pa
 
 def test_fit_a_pretrained_model_on_chat_data(model_dir: Path, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", instruction_records(40))
-    data = InstructionDataModule(
-        [str(path)], tokenizer=str(model_dir), max_length=192, batch_size=4, val_fraction=0.1, cache_dir=str(tmp_path)
+    settings: dict[str, Any] = dict(
+        tokenizer=str(model_dir), max_length=192, batch_size=4, val_fraction=0.2, cache_dir=str(tmp_path)
     )
-    model = CausalLM(model_path=str(model_dir), lr=1e-3)
+    data = InstructionDataModule([str(path)], **settings)
+    model = CausalLM(model_path=str(model_dir), lr=1e-2)  # enough to move the response loss in 3 steps
     trainer = Trainer(
         accelerator="cpu",
         precision="bf16-true",
         max_steps=3,
         limit_train_batches=3,
-        limit_val_batches=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -640,7 +816,34 @@ def test_fit_a_pretrained_model_on_chat_data(model_dir: Path, tmp_path: Path) ->
     trainer.fit(model, data)
     assert trainer.global_step == 3
     val_loss = float(trainer.callback_metrics["val_loss"])
-    assert math.isfinite(val_loss) and 0 < val_loss < 2 * math.log(data.vocab_size)
+
+    def by_hand(loader: Any) -> float:
+        """The mean loss per labelled token over the loader's batches, with the trained weights."""
+        total, count = 0.0, 0
+        model.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            for batch in loader:
+                loss, tokens = next_token_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
+                total += float(loss) * int(tokens)
+                count += int(tokens)
+        return total / count
+
+    # 8 validation samples in 2 batches of different token counts: the logged value is the token-weighted mean
+    counts = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in data.val_dataloader()]
+    assert data.stats["val_samples"] == 8 and len(counts) == 2 and counts[0] != counts[1]
+    responses = by_hand(data.val_dataloader())
+    assert val_loss == pytest.approx(responses, rel=1e-5)
+    # The loss is on the responses only: labelling every token gives another value on the same samples (about 0.04
+    # apart after these steps, against agreement to 1e-5 above).
+    everything = InstructionDataModule([str(path)], train_on="all", **settings)
+    everything.setup("validate")
+    assert everything.val_set is not None and data.val_set is not None
+    assert everything.val_set.indices == data.val_set.indices  # type: ignore[union-attr]
+    all_tokens = by_hand(everything.val_dataloader())
+    assert abs(all_tokens - responses) > 0.01
+    (logged,) = trainer.validate(model, everything, verbose=False)
+    assert logged["val_loss"] == pytest.approx(all_tokens, rel=1e-5)
+
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["tokenizer"] == str(model_dir)

@@ -10,6 +10,7 @@ import json
 import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -58,7 +59,7 @@ class Trainable(Callback):
         self.seen.append((strategy.active_block, flags, groups == [masters], pl_module.training))
 
 
-def _instruction_data(root: Path, model_dir: Path | None) -> InstructionDataModule:
+def _instruction_data(root: Path, model_dir: Path | None, **kwargs) -> InstructionDataModule:
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in CONVERSATIONS))
     return InstructionDataModule(
@@ -68,6 +69,7 @@ def _instruction_data(root: Path, model_dir: Path | None) -> InstructionDataModu
         batch_size=2,
         val_fraction=0.25,
         cache_dir=str(root / "cache"),
+        **kwargs,
     )
 
 
@@ -200,8 +202,10 @@ def test_generate_restores_every_modules_mode(generated_run):
     assert [s["tokens"] for s in again] == [s["tokens"] for s in samples.samples]  # same weights, same samples
 
 
-def _validate(root: Path, model_dir: Path, samples: SampleGeneration, datamodule=None, **kwargs) -> L.Trainer:
-    module = CausalLM(model_path=str(model_dir))
+def _validate(
+    root: Path, model_dir: Path, samples: SampleGeneration, datamodule=None, module=None, **kwargs
+) -> L.Trainer:
+    module = CausalLM(model_path=str(model_dir)) if module is None else module
     trainer = L.Trainer(
         accelerator="cpu",
         precision="bf16-true",
@@ -383,6 +387,54 @@ def test_every_n_validations_and_its_state(tmp_path, model_dir):
     assert restored.state_dict() == {"validations": 3}
 
 
+class InputsSeen(CausalLM):
+    """A CausalLM that keeps the token ids of every row it is given (SampleGeneration feeds one prompt at a time)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inputs: list[list[int]] = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        self.inputs.extend(input_ids.tolist())
+        return super().forward(input_ids, attention_mask, position_ids)
+
+
+@pytest.mark.parametrize("case", ["system_prompt", "plain template", "another tokenizer"])
+def test_prompts_follow_the_data_modules_rendering_even_with_a_tokenizer(tmp_path, model_dir, case):
+    """tokenizer= does not override InstructionDataModule's rendering (chat=True): its system prompt, and its plain
+    template for a tokenizer without a chat template, are in the prompts as in the training data."""
+    from pretrained import make_model_dir
+
+    no_template = make_model_dir(tmp_path / "no_template", chat_template=False)
+    base = no_template if case == "plain template" else model_dir
+    system_prompt = "Answer in one word." if case == "system_prompt" else None
+    data = _instruction_data(tmp_path, base, system_prompt=system_prompt)
+    given = no_template if case == "another tokenizer" else base
+    samples = SampleGeneration(PROMPTS, max_new_tokens=MAX_NEW, tokenizer=str(given), filename=None)
+    module = InputsSeen(model_path=str(base))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _validate(tmp_path, base, samples, data, module)
+        _validate(tmp_path, base, samples, data, module)  # a second run of the same callback: still one warning
+    unused = [w for w in caught if "is not used: with chat=True" in str(w.message)]
+    assert len(unused) == (case == "another tokenizer")
+    if unused:
+        assert f"InstructionDataModule.encode_prompt() (tokenizer={str(base)!r})" in str(unused[0].message)
+
+    model = copy.deepcopy(trainer.lightning_module.model)
+    tokenizer = data.get_tokenizer()
+    stops = sorted({data.eos_token_id, tokenizer.eos_token_id, model.generation_config.eos_token_id})
+    for sample in samples.samples:
+        prompt_ids = data.encode_prompt(sample["prompt"])
+        assert prompt_ids in module.inputs  # the model was given the prompt as the data module renders it
+        text = tokenizer.decode(prompt_ids)
+        if case == "system_prompt":
+            assert text.count("Answer in one word.") == 1
+        elif case == "plain template":
+            assert text.startswith(tokenizer.bos_token) and text.endswith("### Assistant:\n")
+        assert sample["tokens"] == _hf_greedy(model, prompt_ids, MAX_NEW, eos=stops)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -450,9 +502,9 @@ def test_distributed_badam_generates_on_every_rank_and_trains_the_same(tmp_path,
     # and the samples equal transformers' greedy decoding with the trained (gathered) weights
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="auto")
+    assert model.dtype == torch.bfloat16  # as saved, with FP32 rotary frequencies, as CausalLM trains it
     model.load_state_dict({n.removeprefix("model."): t for n, t in r0["with"].items()}, strict=False)
-    model.to(torch.bfloat16)  # bf16-true casts the rotary buffers too
     data = ChatData(str(model_dir))
     for sample in r0["samples"]:
         assert sample["tokens"] == _hf_greedy(model, data.encode_prompt(sample["prompt"]), 6)

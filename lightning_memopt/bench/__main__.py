@@ -6,6 +6,7 @@ Usage::
     python -m lightning_memopt.bench --methods adamw-mixed,badam --layers 8 --hidden 256 --steps 20 --out out/
     python -m lightning_memopt.bench --list                # the methods and whether they can run
     python -m lightning_memopt.bench comm                  # bytes all-reduced per step, BAdam DDP vs DDP (2 gloo ranks)
+    python -m lightning_memopt.bench finetune --out out/   # fine-tuning a pretrained base: BAdam vs AdamW vs LoRA
 """
 
 from __future__ import annotations
@@ -56,6 +57,68 @@ def _comm_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finetune_parser() -> argparse.ArgumentParser:
+    from lightning_memopt.bench.finetune import FT_METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_memopt.bench finetune",
+        description="Fine-tune one pretrained base (cached) on an instruction task with every method, each seed in "
+        "a fresh process; held-out loss at equal steps and equal time, memory and step time. Writes results.json, "
+        "results.md and plots.",
+    )
+    parser.add_argument("--methods", default=",".join(FT_METHODS), help=f"comma-separated: {', '.join(FT_METHODS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/finetune"), help="output directory")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row")
+    parser.add_argument("--split", choices=["test", "val"], default="test", help="val: for sweeps (default: test)")
+    parser.add_argument("--lr", type=float, default=None, help="override every row's learning rate (sweeps)")
+    parser.add_argument("--every", type=int, default=None, help="override BAdam's K (sweeps)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (a minute): checks the pipeline only")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is abandoned")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _finetune(argv: Sequence[str], command: str) -> int:
+    from dataclasses import replace
+
+    from lightning_memopt.bench.finetune import FT_METHODS, FinetuneConfig, quick_config
+    from lightning_memopt.bench.finetune_report import run_finetune
+
+    args = _finetune_parser().parse_args(argv)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in FT_METHODS]
+    if unknown or not names:
+        raise SystemExit(f"Unknown or no --methods {unknown}. Choose from: {', '.join(FT_METHODS)}.")
+    config = quick_config() if args.quick else FinetuneConfig()
+    config = replace(config, split=args.split, lr=args.lr, every=args.every)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    results = run_finetune(
+        [FT_METHODS[n] for n in names],
+        config,
+        args.out,
+        seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
+        progress=not args.no_progress,
+        timeout_s=args.timeout,
+        command=command,
+    )
+    print((args.out / "results.md").read_text())
+    return 1 if results["failed"] else 0
+
+
+def _finetune_worker(argv: Sequence[str]) -> None:
+    from lightning_memopt.bench.finetune import FT_METHODS, FinetuneConfig, run_finetune_row
+    from lightning_memopt.bench.finetune_data import cache_root
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_memopt.bench finetune-worker")
+    for name in ("--method", "--config", "--base", "--task", "--out"):
+        parser.add_argument(name, required=True)
+    args = parser.parse_args(argv)
+    config = FinetuneConfig.from_json(args.config)
+    run_finetune_row(FT_METHODS[args.method], config, args.base, args.task, Path(args.out), str(cache_root() / "data"))
+
+
 def _worker(argv: Sequence[str], comm: bool) -> None:
     parser = argparse.ArgumentParser(prog="python -m lightning_memopt.bench " + ("comm-worker" if comm else "worker"))
     parser.add_argument("--method", required=True)
@@ -78,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (1 if a method failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python -m lightning_memopt.bench " + shlex.join(argv)
+    if argv and argv[0] == "finetune-worker":
+        _finetune_worker(argv[1:])
+        return 0
+    if argv and argv[0] == "finetune":
+        return _finetune(argv[1:], command)
     if argv and argv[0] in ("worker", "comm-worker"):
         _worker(argv[1:], comm=argv[0] == "comm-worker")
         return 0

@@ -20,7 +20,31 @@ from lightning_memopt.bench.config import BenchConfig
 from lightning_memopt.bench.methods import Method
 from lightning_memopt.bench.report import machine_info, write_results
 
-__all__ = ["run_matrix", "run_subprocess"]
+__all__ = ["run_matrix", "run_subprocess", "run_worker"]
+
+
+def run_worker(args: Sequence[str], out: Path, threads: int, timeout_s: float | None = None) -> dict[str, Any] | None:
+    """Run ``python -m lightning_memopt.bench <args>`` in a new interpreter with its output in ``out/log.txt``, and
+    return the ``out/row.json`` it wrote; ``None`` (with the reason in ``out/error.txt``) when it failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    row_file = out / "row.json"
+    row_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "lightning_memopt.bench", *args]
+    # the OpenMP pool is sized when torch loads: set it before the import, not only with torch.set_num_threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    log = out / "log.txt"
+    with log.open("w") as handle:
+        try:
+            code = subprocess.run(
+                command, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    if code == 0 and row_file.exists():
+        return json.loads(row_file.read_text())
+    reason = "timed out" if code is None else f"exited with code {code}"
+    (out / "error.txt").write_text(f"{reason}; see {log}")
+    return None
 
 
 def run_subprocess(method: Method, config: BenchConfig, out: Path, timeout_s: float | None = None) -> dict[str, Any]:
@@ -33,26 +57,12 @@ def run_subprocess(method: Method, config: BenchConfig, out: Path, timeout_s: fl
 
         row = run_subprocess(METHODS["adamw-mixed"], BenchConfig(layers=2, hidden=32, steps=6), Path("out/mixed"))
     """
-    out.mkdir(parents=True, exist_ok=True)
-    row_file = out / "row.json"
-    row_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "lightning_memopt.bench", "worker", "--method", method.name]
-    command += ["--config", config.to_json(), "--out", str(out)]
-    # the OpenMP pool is sized when torch loads: set it before the import, not only with torch.set_num_threads
-    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "TOKENIZERS_PARALLELISM": "false"}
-    log = out / "log.txt"
-    with log.open("w") as handle:
-        try:
-            code = subprocess.run(
-                command, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    if code == 0 and row_file.exists():
-        return json.loads(row_file.read_text())
-    tail = log.read_text()[-3000:]
-    reason = "timed out" if code is None else f"exited with code {code}"
-    return {"method": method.name, "label": method.label, "error": f"{reason}; see {log}", "log_tail": tail}
+    args = ["worker", "--method", method.name, "--config", config.to_json(), "--out", str(out)]
+    row = run_worker(args, out, config.threads, timeout_s)
+    if row is not None:
+        return row
+    tail = (out / "log.txt").read_text()[-3000:]
+    return {"method": method.name, "label": method.label, "error": (out / "error.txt").read_text(), "log_tail": tail}
 
 
 def run_matrix(

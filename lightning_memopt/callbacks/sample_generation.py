@@ -124,14 +124,15 @@ class SampleGeneration(Callback):
 
     How prompts become token ids, first that applies:
 
-    1. ``tokenizer``: a local Hugging Face tokenizer directory (usually the model's), loaded with ``AutoTokenizer``;
+    1. With ``chat=True``, the datamodule's ``encode_prompt()``/``decode()`` (as
+       :class:`~lightning_memopt.data.InstructionDataModule` has): prompts are rendered exactly like the training
+       prompts (its chat template or plain template, its ``system_prompt``), and byte-level data works too. A
+       ``tokenizer`` is then not used; one that is not the datamodule's gets a warning.
+    2. ``tokenizer``: a local Hugging Face tokenizer directory (usually the model's), loaded with ``AutoTokenizer``;
        with ``chat=True`` and a chat template, a prompt becomes one user turn followed by the assistant's generation
        prompt, otherwise it is encoded as plain text.
-    2. With ``chat=True``, the datamodule's ``encode_prompt()``/``decode()`` (as
-       :class:`~lightning_memopt.data.InstructionDataModule` has): prompts look exactly like the training prompts, and
-       byte-level data works too.
     3. The datamodule's tokenizer: ``get_tokenizer()``, or its ``tokenizer`` hyper-parameter when that is a path (as
-       :class:`~lightning_memopt.data.TextDataModule` has); used as in 1.
+       :class:`~lightning_memopt.data.TextDataModule` has); used as in 2.
     4. With ``chat=False``, a byte-level datamodule's ``encode_prompt()``/``decode()`` (the only encoding it has).
 
     Completions stop at the end-of-sequence token of the tokenizer, of the datamodule (its ``eos_token_id``: what
@@ -149,9 +150,10 @@ class SampleGeneration(Callback):
         prompts: the prompts, as plain user messages (the chat template, if any, is applied here).
         max_new_tokens: most tokens generated per prompt (a full forward pass each: keep it small for large models).
         tokenizer: local directory (or cached hub name) of a Hugging Face tokenizer; nothing is downloaded.
-            ``None`` takes the encoding from the datamodule.
-        chat: render prompts with the tokenizer's chat template (when it has one) or the datamodule's
-            ``encode_prompt``; ``False`` continues them as plain text.
+            ``None`` takes the encoding from the datamodule. For data modules without ``encode_prompt`` (e.g.
+            ``TextDataModule`` without a tokenizer), or with ``chat=False``.
+        chat: render prompts as the datamodule's ``encode_prompt`` does (the training format), else with the
+            tokenizer's chat template (when it has one); ``False`` continues them as plain text.
         every_n_validations: generate after the n-th, 2n-th, ... validation run (1: after every one); the count is
             saved in checkpoints.
         filename: name of the JSON-lines file in the log directory; ``None`` writes none.
@@ -213,6 +215,7 @@ class SampleGeneration(Callback):
         self.samples: list[dict[str, Any]] = []
         """The latest samples (on every rank), as written to ``samples.jsonl``."""
         self._validations = 0
+        self._warned_unused_tokenizer = False
         self._codec: _Codec | None = None
         self._prompt_ids: list[list[int]] = []
         self._stop_ids: set[int] = set()
@@ -331,24 +334,26 @@ class SampleGeneration(Callback):
 
     # -------------------------------------------------------------------------------------------------- encoding
     def _resolve_codec(self, trainer: Trainer) -> _Codec:
-        if self.tokenizer is not None:
-            return _tokenizer_codec(_load_tokenizer(self.tokenizer), self.chat, f"tokenizer={self.tokenizer!r}")
         datamodule = getattr(trainer, "datamodule", None)
         name = type(datamodule).__name__
         own_encoding = callable(getattr(datamodule, "encode_prompt", None)) and callable(
             getattr(datamodule, "decode", None)
         )
         if own_encoding and self.chat:
+            # the datamodule renders prompts as it rendered the training data (template, system prompt); a tokenizer's
+            # own chat template may not be that format (a plain-template run), so tokenizer= does not override it
+            self._warn_unused_tokenizer(datamodule)
             return _datamodule_codec(datamodule)
+        if self.tokenizer is not None:
+            return _tokenizer_codec(_load_tokenizer(self.tokenizer), self.chat, f"tokenizer={self.tokenizer!r}")
         tokenizer = None
         if callable(getattr(datamodule, "get_tokenizer", None)):
             tokenizer = datamodule.get_tokenizer()  # type: ignore[union-attr]
         source = f"{name}.get_tokenizer()"
         if tokenizer is None:
-            hparams = getattr(datamodule, "hparams", None) or {}
-            path = hparams.get("tokenizer") if hasattr(hparams, "get") else None
-            if isinstance(path, str | os.PathLike) and str(path):
-                tokenizer, source = _load_tokenizer(str(path)), f"{name}(tokenizer={str(path)!r})"
+            path = _datamodule_tokenizer_path(datamodule)
+            if path is not None:
+                tokenizer, source = _load_tokenizer(path), f"{name}(tokenizer={path!r})"
         if tokenizer is not None:
             return _tokenizer_codec(tokenizer, self.chat, source)
         if own_encoding:
@@ -363,6 +368,37 @@ class SampleGeneration(Callback):
             "get_tokenizer() or `tokenizer` path). Pass SampleGeneration(tokenizer='path/to/model_dir'), the local "
             "directory of the model's Hugging Face tokenizer."
         )
+
+    def _warn_unused_tokenizer(self, datamodule: Any) -> None:
+        if self.tokenizer is None or self._warned_unused_tokenizer:
+            return
+        own = _datamodule_tokenizer_path(datamodule)
+        if own is not None and _same_path(own, self.tokenizer):
+            return
+        self._warned_unused_tokenizer = True
+        name = type(datamodule).__name__
+        theirs = "byte-level tokens" if own is None else f"tokenizer={own!r}"
+        rank_zero_warn(
+            f"SampleGeneration(tokenizer={self.tokenizer!r}) is not used: with chat=True the prompts are encoded by "
+            f"{name}.encode_prompt() ({theirs}), exactly as its training data. Remove tokenizer=, or pass chat=False "
+            "to continue the prompts as plain text with it."
+        )
+
+
+def _datamodule_tokenizer_path(datamodule: Any) -> str | None:
+    # InstructionDataModule's `tokenizer` attribute, or a `tokenizer` hyper-parameter (TextDataModule's) that is a path
+    hparams = getattr(datamodule, "hparams", None) or {}
+    for value in (
+        getattr(datamodule, "tokenizer", None),
+        hparams.get("tokenizer") if hasattr(hparams, "get") else None,
+    ):
+        if isinstance(value, str | os.PathLike) and str(value):
+            return str(value)
+    return None
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def _load_tokenizer(path: str) -> Any:

@@ -1,0 +1,335 @@
+"""``python -m lightning_memopt.bench finetune``: does BAdam fine-tune as well as Adam, and better than LoRA?
+
+Every row fine-tunes the same pretrained base (:func:`~lightning_memopt.bench.finetune_data.make_base`) on the same
+instruction task (:func:`~lightning_memopt.bench.finetune_data.make_task`, loss on the responses only) through
+:class:`~lightning_memopt.data.InstructionDataModule`, in a fresh process, with the same data order and seed. A row
+records the held-out response loss along the way (against the optimizer steps *and* the training time, evaluation
+excluded), the final held-out loss, the peak memory above the process start, the accounted bytes by category
+(:class:`~lightning_memopt.MemoryReport`) and the median step time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_memopt.bench.finetune_data import BaseConfig, TaskConfig, warmup_cosine
+from lightning_memopt.lm import CausalLM, next_token_loss
+
+__all__ = [
+    "FT_METHODS",
+    "FinetuneConfig",
+    "FtMethod",
+    "HeldOutCurve",
+    "held_out_loss",
+    "quick_config",
+    "run_finetune_row",
+]
+
+
+@dataclass(frozen=True)
+class FtMethod:
+    """One row of the fine-tuning benchmark.
+
+    Args:
+        name: the key on the command line, as in the main benchmark (``adamw-mixed``, ``badam``, ``lora-r8``, ...).
+        label: the row's title.
+        kind: ``"full"`` (every parameter, the optimizer alone), ``"badam"`` (BAdamStrategy + BlockSwitch) or
+            ``"lora"`` (peft adapters on every linear layer, base weights frozen in bf16).
+        precision: Lightning's ``precision=``.
+        optimizer: ``"adamw"``, ``"adamw8bit"`` or ``"sgd"``.
+        lr: peak learning rate (warmup, then cosine), chosen by the sweep on the validation split.
+        every: BAdam's K.
+        order: BlockSwitch order.
+        rank: LoRA rank (alpha = 2 x rank).
+        strategy: extra BAdamStrategy arguments.
+        callbacks: extra callbacks, as ``(class name in lightning_memopt.callbacks, kwargs)``.
+    """
+
+    name: str
+    label: str
+    kind: str
+    precision: str
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    every: int = 10
+    order: str = "random"
+    rank: int = 0
+    strategy: dict[str, Any] = field(default_factory=dict)
+    callbacks: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
+FT_METHODS: dict[str, FtMethod] = {
+    m.name: m
+    for m in (
+        FtMethod("adamw-mixed", "AdamW (bf16-mixed)", "full", "bf16-mixed", lr=1e-3),
+        FtMethod("adamw-bf16", "AdamW (bf16-true)", "full", "bf16-true", lr=1e-3),
+        FtMethod("adamw8bit", "AdamW8bit (bf16-mixed)", "full", "bf16-mixed", "adamw8bit", lr=1e-3),
+        FtMethod("lora-r8", "LoRA r=8, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=8),
+        FtMethod("lora-r64", "LoRA r=64, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=64),
+        FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=1e-3),
+        FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=1e-3),
+        FtMethod("block-sgd", "Block SGD (bf16-true)", "badam", "bf16-true", "sgd", lr=0.05),
+        FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=1e-3, order="importance"),
+        FtMethod(
+            "badam-statefree",
+            "BAdam + StateFreeUpdates (signSGD)",
+            "badam",
+            "bf16-true",
+            lr=1e-3,
+            callbacks=(("StateFreeUpdates", {"rule": "signsgd", "lr_ratio": 0.1}),),
+        ),
+    )
+}
+"""Every row, by name; the learning rates and K are the sweep's choices (see ``docs/benchmarks.md``)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What all rows share: base, task, schedule length, batch, evaluation.
+
+    Args:
+        steps: optimizer steps (equal-steps comparison).
+        batch_size: samples per optimizer step.
+        max_length: bytes per sample (longer ones are cut; the report counts them).
+        warmup: warmup steps of the cosine schedule.
+        eval_every: steps between held-out evaluations on ``curve_samples`` test samples.
+        curve_samples: held-out samples of the loss curves (the final loss uses the whole test set).
+        split: ``"test"`` (the held-out modules) or ``"val"`` (sweeps: never choose settings on the test set).
+        seed: model-independent seed: data order, BAdam's block order.
+        threads: torch threads.
+        lr, every: overrides of the method's lr and K (sweeps).
+        base, task: the base model and the task.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    max_length: int = 512
+    warmup: int = 10
+    eval_every: int = 50
+    curve_samples: int = 96
+    split: str = "test"
+    seed: int = 0
+    threads: int = 2
+    lr: float | None = None
+    every: int | None = None
+    base: BaseConfig = field(default_factory=BaseConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FinetuneConfig:
+        raw = json.loads(text)
+        return cls(**{**raw, "base": BaseConfig(**raw["base"]), "task": TaskConfig(**raw["task"])})
+
+    def for_method(self, method: FtMethod) -> FtMethod:
+        return replace(method, lr=self.lr if self.lr is not None else method.lr, every=self.every or method.every)
+
+
+@torch.no_grad()
+def held_out_loss(model: LightningModule, loader: DataLoader[Any], precision: Any) -> float:
+    """Mean next-token loss per response token over ``loader`` (eval mode, the run's precision context)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with precision.forward_context():
+        for batch in loader:
+            loss, count = next_token_loss(model(batch["input_ids"], batch.get("attention_mask")), batch)
+            total += float(loss) * int(count)
+            tokens += int(count)
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+class HeldOutCurve(Callback):
+    """Held-out loss every ``every`` optimizer steps (and before the first), against steps and training seconds.
+
+    Training seconds exclude the evaluations themselves, so a curve against time shows what a run would reach in
+    that much training.
+    """
+
+    def __init__(self, loader: DataLoader[Any], every: int) -> None:
+        self.loader = loader
+        self.every = every
+        self.points: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self._train_seconds = 0.0
+        self._start = 0.0
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loss = held_out_loss(pl_module, self.loader, trainer.precision_plugin)
+        self.points.append({"step": trainer.global_step, "seconds": self._train_seconds, "loss": loss})
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluate(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        seconds = time.perf_counter() - self._start
+        self.step_times.append(seconds)
+        self._train_seconds += seconds
+        if trainer.global_step % self.every == 0 or trainer.global_step >= (trainer.max_steps or 0):
+            self._evaluate(trainer, pl_module)
+
+
+class _FinetuneLM(CausalLM):
+    """CausalLM with the row's optimizer and a per-step warmup + cosine schedule."""
+
+    def __init__(self, model_path: str, dtype: str, method: FtMethod, config: FinetuneConfig) -> None:
+        super().__init__(model_path=model_path, dtype=dtype)
+        self.method = method
+        self.run_config = config
+
+    @override
+    def configure_optimizers(self) -> Any:  # type: ignore[override]
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.method.optimizer == "adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=self.method.lr, weight_decay=0.0)
+        elif self.method.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, lr=self.method.lr, weight_decay=0.0)
+        elif self.method.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=self.method.lr, momentum=0.9)
+        else:
+            raise ValueError(f"Unknown optimizer {self.method.optimizer!r}.")
+        scheduler = warmup_cosine(optimizer, self.run_config.steps, warmup=self.run_config.warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _add_lora(module: CausalLM, rank: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+    module.model = get_peft_model(module.model, config)  # type: ignore[assignment]
+    for name, param in module.model.named_parameters():
+        if "lora_" in name:
+            # adapters train in FP32 over the frozen bf16 base (bf16-mixed autocasts the matmuls)
+            param.data = param.data.float()
+
+
+def run_finetune_row(
+    method: FtMethod, config: FinetuneConfig, base_dir: str, task_dir: str, out: Path, cache_dir: str
+) -> dict[str, Any]:
+    """Fine-tune one row in this process; returns its figures (also written to ``out/row.json``)."""
+    from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport, callbacks
+    from lightning_memopt.data import InstructionDataModule
+    from lightning_memopt.memory import current_rss
+
+    began = time.perf_counter()
+    torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    method = config.for_method(method)
+    seed_everything(config.seed, verbose=False)
+    train_file = str(Path(task_dir) / "train.jsonl")
+    data = InstructionDataModule(
+        [train_file], None, config.max_length, config.batch_size, val_fraction=0.0, cache_dir=cache_dir,
+        overlong="drop", seed=config.seed,
+    )  # fmt: skip
+    held_out = InstructionDataModule(
+        [train_file], None, config.max_length, 32, val_paths=[str(Path(task_dir) / f"{config.split}.jsonl")],
+        cache_dir=cache_dir, seed=config.seed, overlong="drop",
+    )  # fmt: skip
+    held_out.prepare_data()
+    held_out.setup("fit")
+    full_loader = held_out.val_dataloader()
+    assert isinstance(full_loader, DataLoader)
+    size = len(full_loader.dataset)  # type: ignore[arg-type]
+    subset = torch.utils.data.Subset(full_loader.dataset, range(min(config.curve_samples, size)))
+    curve_loader = DataLoader(subset, batch_size=32, collate_fn=full_loader.collate_fn)
+
+    with contextlib.suppress(ImportError):
+        import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+
+    baseline = current_rss()
+    dtype = "float32" if method.precision.endswith("mixed") and method.kind != "lora" else "bfloat16"
+    model = _FinetuneLM(base_dir, dtype, method, config)
+    if method.kind == "lora":
+        _add_lora(model, method.rank)
+    curve = HeldOutCurve(curve_loader, config.eval_every)
+    report = MemoryReport(every_n_steps=25)
+    cbs: list[Callback] = [curve]
+    if method.kind == "badam":
+        cbs.append(BlockSwitch(every=method.every, order=method.order, seed=config.seed))  # type: ignore[arg-type]
+    for name, kwargs in method.callbacks:
+        cbs.append(getattr(callbacks, name)(**kwargs))
+    cbs.append(report)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=BAdamStrategy(**method.strategy) if method.kind == "badam" else "auto",
+        precision=method.precision,  # type: ignore[arg-type]
+        max_steps=config.steps,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=cbs,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+    )
+    base_loss = held_out_loss(model, full_loader, trainer.precision_plugin)
+    trainer.fit(model, datamodule=data)
+    final_loss = held_out_loss(model, full_loader, trainer.precision_plugin)
+    memory = report.report or {}
+    peak = memory.get("peak")
+    row: dict[str, Any] = {
+        "method": method.name,
+        "label": method.label,
+        "kind": method.kind,
+        "precision": method.precision,
+        "optimizer": method.optimizer,
+        "lr": method.lr,
+        "every": method.every if method.kind == "badam" else None,
+        "rank": method.rank or None,
+        "seed": config.seed,
+        "steps": config.steps,
+        "split": config.split,
+        "base_loss": base_loss,
+        "final_loss": final_loss,
+        "curve": curve.points,
+        "train_seconds": sum(curve.step_times),
+        "step_time_s": statistics.median(curve.step_times[config.warmup :] or curve.step_times),
+        "peak_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "peak_above_start_bytes": peak - baseline if peak is not None else None,
+        "accounted_bytes": memory.get("total"),
+        "memory": {k: memory.get(k) for k in ("weights", "buffers", "masters", "grads", "optimizer_state")},
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "data_stats": dict(data.stats),
+        "wall_s": time.perf_counter() - began,
+    }
+    (out / "row.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def quick_config() -> FinetuneConfig:
+    """A tiny base and a few steps: checks the whole pipeline in about a minute (``--quick``), no figures."""
+    base = BaseConfig(
+        layers=3, hidden=32, intermediate=64, heads=2, context=512, steps=10, seq_len=64, batch_size=8,
+        max_bytes=200_000,
+    )  # fmt: skip
+    return FinetuneConfig(
+        steps=4, batch_size=4, max_length=384, warmup=1, eval_every=2, curve_samples=8, threads=1, base=base
+    )

@@ -1,0 +1,263 @@
+"""Run the fine-tuning benchmark's rows (each in a fresh process, per seed), compare them, write the results.
+
+Outputs in ``--out``: ``results.json`` (a list of rows, one per method, with per-seed values), ``results.md`` (the
+table and the targets, each with pass/miss) and ``finetune_loss_steps.png`` / ``finetune_loss_time.png``.
+
+Equal wall-clock time: the reference is AdamW ``bf16-mixed``'s training time (evaluations excluded), per seed. A
+row whose training time differs from it by more than 5% is run again for as many steps as fit in the reference time
+at its own median step time (its schedule spanning those steps); the held-out loss at the end of that run is its
+equal-time loss. Every loss in the table is on the whole held-out set; the curves use ``curve_samples`` of it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lightning_memopt.bench.finetune import FT_METHODS, FinetuneConfig, FtMethod
+from lightning_memopt.bench.finetune_data import cache_root, make_base, make_task
+from lightning_memopt.bench.matrix import run_worker
+from lightning_memopt.bench.report import machine_info
+
+__all__ = ["REFERENCE", "evaluate_finetune_targets", "render_finetune", "run_finetune"]
+
+REFERENCE = "adamw-mixed"
+"""The paper's "Adam": every gain is compared with this row's."""
+
+
+def _worker_args(method: FtMethod, config: FinetuneConfig, base: str, task: str, out: Path) -> list[str]:
+    return [
+        "finetune-worker",
+        *("--method", method.name, "--config", config.to_json()),
+        *("--base", base, "--task", task, "--out", str(out)),
+    ]
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "spread": (max(values) - min(values)) / 2 if len(values) > 1 else 0.0,
+    }
+
+
+def run_finetune(
+    methods: Sequence[FtMethod],
+    config: FinetuneConfig,
+    out: Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    progress: bool = True,
+    timeout_s: float | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Pretrain (or reuse) the base, build the task, run every method for every seed, write the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = make_base(cache_root() / "base", config.base, progress=progress)
+    task = make_task(cache_root() / "task", config.task)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    failed: list[dict[str, str]] = []
+    order = sorted(methods, key=lambda m: m.name != REFERENCE)  # the reference first: it sets the time budget
+    bar = tqdm(total=len(order) * len(seeds), desc="fine-tuning benchmark", disable=not progress, dynamic_ncols=True)
+    for method in order:
+        for seed in seeds:
+            bar.set_postfix_str(f"{method.name} seed {seed}")
+            run_config = replace(config, seed=seed)
+            where = out / "runs" / method.name / f"seed{seed}"
+            row = run_worker(_worker_args(method, run_config, base["dir"], task["dir"], where), where, config.threads,
+                             timeout_s)  # fmt: skip
+            bar.update()
+            if row is None:
+                failed.append({"method": method.name, "seed": str(seed), "reason": (where / "error.txt").read_text()})
+                continue
+            runs.setdefault(method.name, []).append(row)
+    bar.close()
+    reference_seconds = {r["seed"]: r["train_seconds"] for r in runs.get(REFERENCE, [])}
+    for name, rows in runs.items():
+        for row in rows:
+            budget = reference_seconds.get(row["seed"])
+            row["equal_time_budget_s"] = budget
+            row["equal_time_steps"] = None
+            if budget is None:
+                row["final_loss_equal_time"] = None
+            elif abs(row["train_seconds"] - budget) <= 0.05 * budget:
+                row["final_loss_equal_time"] = row["final_loss"]
+            else:
+                # the method given AdamW's training time: as many steps as fit at its own step time, its schedule
+                # spanning them
+                steps = max(1, round(budget / row["step_time_s"]))
+                longer = replace(
+                    config,
+                    seed=row["seed"],
+                    steps=steps,
+                    eval_every=max(1, steps // 6),
+                    warmup=min(config.warmup, steps - 1),
+                )
+                where = out / "runs" / name / f"seed{row['seed']}-equal-time"
+                extra = run_worker(_worker_args(FT_METHODS[name], longer, base["dir"], task["dir"], where), where,
+                                   config.threads, timeout_s)  # fmt: skip
+                row["equal_time_steps"] = steps
+                row["equal_time_curve"] = extra["curve"] if extra else None
+                row["final_loss_equal_time"] = extra["final_loss"] if extra else None
+                if extra is None:
+                    failed.append(
+                        {"method": name, "seed": str(row["seed"]), "reason": (where / "error.txt").read_text()}
+                    )
+    rows = [_aggregate(name, runs[name]) for name in [m.name for m in methods] if name in runs]
+    results = {
+        "config": json.loads(config.to_json()),
+        "base": base,
+        "task": {k: v for k, v in task.items() if k != "dir"},
+        "seeds": list(seeds),
+        "machine": machine_info(config.threads),
+        "command": command,
+        "rows": rows,
+        "failed": failed,
+    }
+    results["targets"] = evaluate_finetune_targets(rows)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(render_finetune(results))
+    _plots(rows, out)
+    return results
+
+
+def _aggregate(name: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    first = runs[0]
+    gains = [r["base_loss"] - r["final_loss"] for r in runs]
+    row: dict[str, Any] = {
+        key: first[key] for key in ("method", "label", "kind", "precision", "optimizer", "lr", "every", "rank")
+    }
+    row.update(
+        base_loss=statistics.fmean(r["base_loss"] for r in runs),
+        final_loss=statistics.fmean(r["final_loss"] for r in runs),
+        final_loss_spread=_summary([r["final_loss"] for r in runs])["spread"],
+        gain=_summary(gains),
+        peak_bytes=max(r["peak_above_start_bytes"] or 0 for r in runs),
+        accounted_bytes=first["accounted_bytes"],
+        memory=first["memory"],
+        step_time_s=statistics.median(r["step_time_s"] for r in runs),
+        train_seconds=statistics.fmean(r["train_seconds"] for r in runs),
+        trainable_params=first["trainable_params"],
+        per_seed=[{k: r.get(k) for k in _PER_SEED} for r in runs],
+    )
+    equal_time = [r["final_loss_equal_time"] for r in runs if r.get("final_loss_equal_time") is not None]
+    row["final_loss_equal_time"] = statistics.fmean(equal_time) if equal_time else None
+    row["gain_equal_time"] = (
+        _summary([r["base_loss"] - r["final_loss_equal_time"] for r in runs if r.get("final_loss_equal_time")])
+        if equal_time
+        else None
+    )
+    return row
+
+
+_PER_SEED = (
+    "seed",
+    "base_loss",
+    "final_loss",
+    "final_loss_equal_time",
+    "train_seconds",
+    "step_time_s",
+    "peak_above_start_bytes",
+    "equal_time_steps",
+    "curve",
+    "equal_time_curve",
+)
+
+
+def _find(rows: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
+    return next((r for r in rows if r["method"] == name), None)
+
+
+def evaluate_finetune_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets: BAdam's gain vs AdamW mixed (equal steps >= 90%, equal time >= 100%), vs LoRA r = 8 at
+    equal steps, and BAdam's peak memory vs AdamW mixed (<= 0.3x) and LoRA r = 64."""
+    badam, adam = _find(rows, "badam"), _find(rows, REFERENCE)
+    lora8, lora64 = _find(rows, "lora-r8"), _find(rows, "lora-r64")
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, lower_is_better: bool, detail: str) -> None:
+        passed = None if value is None else (value <= limit if lower_is_better else value >= limit)
+        targets.append({"target": name, "value": value, "limit": limit, "passed": passed, "detail": detail})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    def gain(row: Mapping[str, Any] | None, key: str = "gain") -> float | None:
+        return row[key]["mean"] if row and row.get(key) else None
+
+    def peak(row: Mapping[str, Any] | None) -> float | None:
+        return row["peak_bytes"] if row else None
+
+    add("gain_vs_adam_equal_steps", ratio(gain(badam), gain(adam)), 0.9, False, "BAdam gain / AdamW bf16-mixed gain")
+    add(
+        "gain_vs_adam_equal_time",
+        ratio(gain(badam, "gain_equal_time"), gain(adam)),
+        1.0,
+        False,
+        "BAdam gain at AdamW's training time / AdamW's gain",
+    )
+    add("gain_vs_lora_r8_equal_steps", ratio(gain(badam), gain(lora8)), 1.0, False, "BAdam gain / LoRA r=8 gain")
+    add("peak_vs_adam", ratio(peak(badam), peak(adam)), 0.3, True, "peak above start, BAdam / AdamW bf16-mixed")
+    add("peak_vs_lora_r64", ratio(peak(badam), peak(lora64)), 1.0, True, "peak above start, BAdam / LoRA r=64")
+    return targets
+
+
+def render_finetune(results: Mapping[str, Any]) -> str:
+    """``results.md``: the rows, the targets and where the numbers come from."""
+    rows = results["rows"]
+    seeds = results["seeds"]
+    lines = [
+        "# Fine-tuning benchmark",
+        "",
+        f"Base: {results['base']['parameters']:,} parameters, {results['base']['config']['layers']} layers, "
+        f"pretraining val loss {results['base']['pretrain_val_loss']:.3f} nats/byte. Task: "
+        f"{results['task']['train']} train / {results['task']['test']} held-out functions. "
+        f"{results['config']['steps']} steps of {results['config']['batch_size']}, seeds {seeds}.",
+        "",
+        "| method | lr | K | held-out loss | gain over base | loss at AdamW's time | peak above start | "
+        "accounted | step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        equal = "-" if r["final_loss_equal_time"] is None else f"{r['final_loss_equal_time']:.3f}"
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {r['every'] or '-'} | {r['final_loss']:.3f} ± {r['final_loss_spread']:.3f}"
+            f" | {r['gain']['mean']:.3f} | {equal} | {r['peak_bytes'] / 2**20:.0f} MiB | "
+            f"{(r['accounted_bytes'] or 0) / 2**20:.1f} MiB | {r['step_time_s']:.2f} s |"
+        )
+    lines += ["", "| target | value | limit | result |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = "n/a" if t["passed"] is None else "pass" if t["passed"] else "miss"
+        lines.append(f"| {t['detail']} | {value} | {t['limit']} | {verdict} |")
+    if results["failed"]:
+        lines += ["", "Failed runs:", *[f"- {f['method']} seed {f['seed']}: {f['reason']}" for f in results["failed"]]]
+    lines += ["", f"Command: `{results['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _plots(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
+    from lightning_memopt.bench.plots import _pyplot, _save
+
+    plt = _pyplot()
+    for axis, name, label in (("step", "finetune_loss_steps.png", "optimizer steps"),
+                              ("seconds", "finetune_loss_time.png", "training time (s)")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row in rows:
+            curves = [seed["curve"] for seed in row["per_seed"]]
+            if axis == "seconds":
+                curves = [seed.get("equal_time_curve") or seed["curve"] for seed in row["per_seed"]]
+            xs = [statistics.fmean(p[axis] for p in points) for points in zip(*curves, strict=False)]
+            ys = [statistics.fmean(p["loss"] for p in points) for points in zip(*curves, strict=False)]
+            ax.plot(xs, ys, marker="o", markersize=3, label=row["label"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out response loss (nats/byte)")
+        ax.set_title(f"Fine-tuning: held-out loss vs {label} (mean over seeds)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        _save(fig, out / name)

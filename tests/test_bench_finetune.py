@@ -1,0 +1,64 @@
+"""The fine-tuning benchmark: its task and base are built from local text and split by module, and ``--quick`` runs
+the whole pipeline (fresh process per row, equal-time reruns, results and plots). Figures are not checked here: the
+targets live in the benchmark's results, never in timed tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from lightning_memopt.bench.finetune_data import TEST_MODULES, TaskConfig, make_task, pretraining_files
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_task_is_split_by_module_and_held_out_code_is_not_pretrained(tmp_path: Path) -> None:
+    info = make_task(tmp_path, TaskConfig())
+    splits = ("train", "val", "test")
+    records = {s: [json.loads(x) for x in Path(info["dir"], f"{s}.jsonl").read_text().splitlines()] for s in splits}
+    modules = {
+        split: {r["instruction"].rsplit("(module ", 1)[1].rstrip(").") for r in records[split]} for split in splits
+    }
+    assert modules["test"] <= set(TEST_MODULES) and modules["test"]
+    assert not modules["train"] & modules["test"] and not modules["train"] & modules["val"]
+    assert info["train"] > 1000 and info["test"] > 200 and info["val"] > 100
+    assert all(80 <= len(r["output"].encode()) <= 300 and r["output"].startswith(("def ", "async def ")) for r in
+               records["test"])  # fmt: skip
+    assert make_task(tmp_path, TaskConfig()) == info  # built once, then read back
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    top_level = {Path(p).relative_to(stdlib).parts[0].removesuffix(".py") for p in pretraining_files()}
+    assert not top_level & set(TEST_MODULES)
+    assert {"os", "json", "email"} <= top_level
+
+
+def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "LIGHTNING_MEMOPT_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "lightning_memopt.bench", "finetune", "--quick", "--seeds", "0", "--out", str(out)]
+    command += ["--methods", "adamw-mixed,lora-r8,badam", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["adamw-mixed", "lora-r8", "badam"]
+    assert not results["failed"]
+    base = results["base"]
+    assert Path(base["dir"], "config.json").is_file() and base["parameters"] > 0
+    for row in results["rows"]:
+        for key in ("base_loss", "final_loss", "final_loss_equal_time", "peak_bytes", "step_time_s"):
+            assert isinstance(row[key], float | int), (row["method"], key)
+        (seed,) = row["per_seed"]
+        assert seed["curve"][0]["step"] == 0 and seed["curve"][-1]["step"] == results["config"]["steps"]
+        assert row["base_loss"] == pytest.approx(results["rows"][0]["base_loss"], rel=1e-3)  # the same base
+    adam, lora, _ = results["rows"]
+    assert adam["final_loss"] < adam["base_loss"]  # four AdamW steps at 1e-3 on a tiny model move it
+    assert lora["trainable_params"] < adam["trainable_params"]
+    assert adam["final_loss_equal_time"] == adam["final_loss"]  # the reference defines the time budget
+    assert {t["target"] for t in results["targets"]} >= {"gain_vs_adam_equal_steps", "peak_vs_adam"}
+    assert "| AdamW (bf16-mixed) |" in (out / "results.md").read_text()
+    assert (out / "finetune_loss_steps.png").stat().st_size > 0 and (out / "finetune_loss_time.png").stat().st_size > 0
