@@ -120,7 +120,7 @@ class FinetuneConfig:
     curve_samples: int = 96
     split: str = "test"
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     lr: float | None = None
     every: int | None = None
     base: BaseConfig = field(default_factory=BaseConfig)
