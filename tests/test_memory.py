@@ -270,3 +270,27 @@ def test_docstring_examples():
     result = doctest.testmod(lightning_memopt.memory, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_reset_peak_rss_forgets_an_earlier_peak() -> None:
+    import subprocess
+    import sys
+
+    # in a fresh process: a 300 MB buffer sets the high-water mark, is freed, and the reset forgets it
+    code = (
+        "import torch\n"
+        "from lightning_memopt.memory import peak_memory, reset_peak_rss, current_rss\n"
+        "x = torch.ones(300 * 2**20, dtype=torch.uint8); del x\n"
+        "before = peak_memory('cpu')[0]\n"
+        "ok = reset_peak_rss()\n"
+        "after = peak_memory('cpu')[0]\n"
+        "print(ok, before, after, current_rss())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    ok, before, after, now = out[0] == "True", int(out[1]), int(out[2]), int(out[3])
+    if sys.platform.startswith("linux"):
+        assert ok
+        assert before - after > 250 * 2**20  # the freed buffer no longer counts
+        assert after < now + 32 * 2**20  # the peak restarts from (about) the current size
+    else:
+        assert not ok and before == after

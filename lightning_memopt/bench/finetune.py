@@ -233,7 +233,7 @@ def run_finetune_row(
     """Fine-tune one row in this process; returns its figures (also written to ``out/row.json``)."""
     from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport, callbacks
     from lightning_memopt.data import InstructionDataModule
-    from lightning_memopt.memory import current_rss
+    from lightning_memopt.memory import current_rss, reset_peak_rss
 
     began = time.perf_counter()
     torch.set_num_threads(config.threads)
@@ -261,6 +261,8 @@ def run_finetune_row(
         import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
 
+    # the data setup and the imports above can set a high-water mark the run itself never reaches
+    reset_peak_rss()
     baseline = current_rss()
     dtype = "float32" if method.precision.endswith("mixed") and method.kind != "lora" else "bfloat16"
     model = _FinetuneLM(base_dir, dtype, method, config)
