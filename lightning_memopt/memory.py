@@ -503,8 +503,9 @@ def peak_memory(device: torch.device | str) -> tuple[int | None, str]:
     """The peak memory so far and where it comes from.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, since the process started or the last reset of the
-    peak statistics). CPU: the process's peak resident set size (``ru_maxrss``): process-wide, so it includes the
-    Python interpreter, the loaded libraries and everything else the process ever held, since it started.
+    peak statistics). CPU: the process's peak resident set size (Linux ``VmHWM``, elsewhere ``ru_maxrss``):
+    process-wide, so it includes the Python interpreter, the loaded libraries and everything else the process held
+    since it started, or since :func:`reset_peak_rss`.
 
     Example::
 
@@ -515,6 +516,9 @@ def peak_memory(device: torch.device | str) -> tuple[int | None, str]:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    hwm = _vm_hwm()
+    if hwm is not None:
+        return hwm, "VmHWM: peak resident set size of the whole process since it started (or reset_peak_rss)"
     try:
         import resource
     except ImportError:  # Windows
@@ -525,8 +529,20 @@ def peak_memory(device: torch.device | str) -> tuple[int | None, str]:
     return int(usage) * scale, "ru_maxrss: peak resident set size of the whole process since it started"
 
 
+def _vm_hwm() -> int | None:
+    # Linux: the high-water mark that /proc/self/clear_refs resets (ru_maxrss may also keep a maximum it saw earlier)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def reset_peak_rss() -> bool:
-    """Restart the CPU peak (``ru_maxrss``) from the current resident set size; ``False`` where the OS cannot.
+    """Restart the CPU peak (:func:`peak_memory`) from the current resident set size; ``False`` where the OS cannot.
 
     Linux resets the process's high-water mark when ``5`` is written to ``/proc/self/clear_refs``. Call it just before
     the part to measure, so that earlier peaks (imports, tokenizing the data) do not hide the one that matters. Memory

@@ -17,7 +17,7 @@ _MIB = 2**20
 TARGETS = {
     "accounting": "BAdam's accounted bytes within 1% of 2M + 16M/D (+ buffers)",
     "peak": "BAdam's peak ≤ 0.3 x AdamW (bf16-mixed)'s peak, above each process's start",
-    "peak_process": "BAdam's peak ≤ 0.3 x AdamW (bf16-mixed)'s peak, whole process (ru_maxrss)",
+    "peak_process": "BAdam's peak ≤ 0.3 x AdamW (bf16-mixed)'s peak, whole process (peak RSS)",
     "step_time": "BAdam's time per step ≤ 0.8 x AdamW (bf16-true)'s",
     "overhead": "BAdam strategy's own work (grad move, copy-back, switching) ≤ 5% of a step",
     "loss": "BAdam's final loss within 5% of AdamW (bf16-mixed)'s at equal steps",
@@ -109,7 +109,7 @@ def evaluate_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         assert badam is not None and mixed is not None
         start = badam["baseline_rss_bytes"] / _MIB if badam.get("baseline_rss_bytes") else None
         detail = (
-            f"ru_maxrss {badam['peak_bytes'] / _MIB:.0f} vs {mixed['peak_bytes'] / _MIB:.0f} MiB = {whole:.3f}x; "
+            f"peak RSS {badam['peak_bytes'] / _MIB:.0f} vs {mixed['peak_bytes'] / _MIB:.0f} MiB = {whole:.3f}x; "
             + (f"both include ~{start:.0f} MiB the process held before building the model" if start else "")
         )
     targets.append(_target("peak_process", whole, 0.3, detail))
@@ -189,7 +189,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         "accounted: weights + buffers + FP32 masters + gradients + optimizer state, measured after an optimizer step "
         "(largest of the measurements). predicted: the analytic model of `lightning_memopt.memory`. "
-        "peak: the process's peak RSS (`ru_maxrss`, process-wide); peak - start: minus the RSS before the model was "
+        "peak: the process's peak RSS (`VmHWM`, process-wide); peak - start: minus the RSS before the model was "
         "built. step: median "
         f"wall time of an optimizer step after {config['warmup']} warm-up steps. final loss: mean token loss on "
         f"{config['eval_batches']} held-out batches after training.",
