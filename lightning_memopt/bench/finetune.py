@@ -23,15 +23,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_memopt.bench.finetune_data import BaseConfig, TaskConfig, warmup_cosine
-from lightning_memopt.lm import CausalLM, next_token_loss
+from lightning_memopt.bench.finetune_data import BaseConfig, ScheduledLM, TaskConfig
+from lightning_memopt.bench.worker import held_out_loss
+from lightning_memopt.lm import CausalLM
 
 __all__ = [
     "FT_METHODS",
     "FinetuneConfig",
     "FtMethod",
     "HeldOutCurve",
-    "held_out_loss",
     "quick_config",
     "run_finetune_row",
 ]
@@ -138,21 +138,6 @@ class FinetuneConfig:
         return replace(method, lr=self.lr if self.lr is not None else method.lr, every=self.every or method.every)
 
 
-@torch.no_grad()
-def held_out_loss(model: LightningModule, loader: DataLoader[Any], precision: Any) -> float:
-    """Mean next-token loss per response token over ``loader`` (eval mode, the run's precision context)."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    with precision.forward_context():
-        for batch in loader:
-            loss, count = next_token_loss(model(batch["input_ids"], batch.get("attention_mask")), batch)
-            total += float(loss) * int(count)
-            tokens += int(count)
-    model.train(was_training)
-    return total / max(tokens, 1)
-
-
 class HeldOutCurve(Callback):
     """Held-out loss every ``every`` optimizer steps (and before the first), against steps and training seconds.
 
@@ -189,31 +174,6 @@ class HeldOutCurve(Callback):
         self._train_seconds += seconds
         if trainer.global_step % self.every == 0 or trainer.global_step >= (trainer.max_steps or 0):
             self._evaluate(trainer, pl_module)
-
-
-class _FinetuneLM(CausalLM):
-    """CausalLM with the row's optimizer and a per-step warmup + cosine schedule."""
-
-    def __init__(self, model_path: str, dtype: str, method: FtMethod, config: FinetuneConfig) -> None:
-        super().__init__(model_path=model_path, dtype=dtype)
-        self.method = method
-        self.run_config = config
-
-    @override
-    def configure_optimizers(self) -> Any:  # type: ignore[override]
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.method.optimizer == "adamw":
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=self.method.lr, weight_decay=0.0)
-        elif self.method.optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(params, lr=self.method.lr, weight_decay=0.0)
-        elif self.method.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=self.method.lr, momentum=0.9)
-        else:
-            raise ValueError(f"Unknown optimizer {self.method.optimizer!r}.")
-        scheduler = warmup_cosine(optimizer, self.run_config.steps, warmup=self.run_config.warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _add_lora(module: CausalLM, rank: int) -> None:
@@ -265,7 +225,7 @@ def run_finetune_row(
     reset_peak_rss()
     baseline = current_rss()
     dtype = "float32" if method.precision.endswith("mixed") and method.kind != "lora" else "bfloat16"
-    model = _FinetuneLM(base_dir, dtype, method, config)
+    model = ScheduledLM(method.optimizer, method.lr, config.steps, config.warmup, model_path=base_dir, dtype=dtype)
     if method.kind == "lora":
         _add_lora(model, method.rank)
     curve = HeldOutCurve(curve_loader, config.eval_every)

@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
+from lightning_memopt.lm import CausalLM
+
 __all__ = [
     "BaseConfig",
+    "ScheduledLM",
     "TaskConfig",
     "cache_root",
     "make_base",
@@ -228,6 +233,33 @@ def warmup_cosine(optimizer: Any, steps: int, warmup: int = 0, floor: float = 0.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class ScheduledLM(CausalLM):
+    """:class:`~lightning_memopt.lm.CausalLM` trained with the benchmark's ``optimizer``
+    (:func:`~lightning_memopt.bench.methods.build_optimizer`) at peak ``lr`` over its trainable parameters, with
+    :func:`warmup_cosine` stepped per optimizer step.
+
+    Example::
+
+        model = ScheduledLM("adamw", 1e-3, steps=300, warmup=10, model_path="base/")
+    """
+
+    def __init__(self, optimizer: str, lr: float, steps: int, warmup: int, **kwargs: Any) -> None:
+        super().__init__(lr=lr, **kwargs)
+        self.optimizer_name = optimizer
+        self.steps = steps
+        self.warmup = warmup
+
+    @override
+    def configure_optimizers(self) -> Any:  # type: ignore[override]
+        from lightning_memopt.bench.config import BenchConfig
+        from lightning_memopt.bench.methods import build_optimizer
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.optimizer_name, params, BenchConfig(), lr=self.lr)
+        scheduler = warmup_cosine(optimizer, self.steps, warmup=self.warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def pretraining_files() -> list[str]:
     """The standard library's top-level modules, without the test modules."""
     return [str(path) for module, paths in _module_files().items() if module not in TEST_MODULES for path in paths]
@@ -244,20 +276,12 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
 
     import torch
     from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.callbacks import Callback
 
+    from lightning_memopt.bench.worker import StepClock
     from lightning_memopt.data import TextDataModule
-    from lightning_memopt.lm import CausalLM
-
-    class _Losses(Callback):
-        def __init__(self) -> None:
-            self.losses: list[float] = []
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.losses.append(float(outputs["loss"]))
 
     seed_everything(config.seed, verbose=False)
-    model = CausalLM(config=config.model_config(), lr=config.lr)
+    model = ScheduledLM("adamw", config.lr, config.steps, max(1, config.steps // 20), config=config.model_config())
     data = TextDataModule(
         paths=pretraining_files(),
         seq_len=config.seq_len,
@@ -266,13 +290,7 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
         max_bytes=config.max_bytes,
     )
 
-    def configure_optimizers() -> Any:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-        scheduler = warmup_cosine(optimizer, config.steps, warmup=max(1, config.steps // 20))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    model.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
-    losses = _Losses()
+    losses = StepClock()
     trainer = Trainer(
         accelerator="cpu",
         devices=1,

@@ -124,8 +124,11 @@ def select(names: Iterable[str]) -> list[Method]:
     return chosen
 
 
-def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], config: BenchConfig) -> Optimizer:
-    """The optimizer of a row, over ``params``, with the run's hyper-parameters (no weight decay anywhere).
+def build_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], config: BenchConfig, lr: float | None = None
+) -> Optimizer:
+    """The optimizer of a row, over ``params``, with the run's hyper-parameters (no weight decay anywhere); ``lr``,
+    when given, replaces the config's learning rate for that optimizer.
 
     Example::
 
@@ -135,15 +138,15 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], config: Ben
     """
     kwargs: dict[str, Any]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=config.lr if lr is None else lr, weight_decay=0.0)
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
         # keyword arguments only: bitsandbytes 0.50 removed positional parameters that would shift the rest
-        kwargs = {"lr": config.lr, "weight_decay": 0.0}
+        kwargs = {"lr": config.lr if lr is None else lr, "weight_decay": 0.0}
         return bnb.optim.AdamW8bit(params, **kwargs)
     if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=config.adafactor_lr, weight_decay=0.0)
+        return torch.optim.Adafactor(params, lr=config.adafactor_lr if lr is None else lr, weight_decay=0.0)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=config.sgd_lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=config.sgd_lr if lr is None else lr, momentum=0.9)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")

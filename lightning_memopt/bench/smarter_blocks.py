@@ -135,7 +135,7 @@ def run_smarter_method(row: SmarterMethod, config: BenchConfig, out: Path) -> di
     import torch
     from lightning.pytorch import seed_everything
 
-    from lightning_memopt.bench.worker import BenchLM, StepClock, _held_out_loss
+    from lightning_memopt.bench.worker import BenchLM, StepClock, held_out_loss
     from lightning_memopt.data import TextDataModule
     from lightning_memopt.memory import MemoryReport
 
@@ -170,7 +170,7 @@ def run_smarter_method(row: SmarterMethod, config: BenchConfig, out: Path) -> di
     with trainer.init_module():
         model = BenchLM(config.model_config(), "adamw", config)
     trainer.fit(model, datamodule=data)
-    final_loss = _held_out_loss(trainer, model, data, config.eval_batches)
+    final_loss = held_out_loss(model, data.val_dataloader(), trainer.precision_plugin, config.eval_batches)
     memory = report.report or {}
     switch = callbacks[0]
     result: dict[str, Any] = {

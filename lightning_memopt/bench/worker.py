@@ -28,7 +28,7 @@ from lightning_memopt.data import TextDataModule
 from lightning_memopt.lm import CausalLM, next_token_loss
 from lightning_memopt.memory import MemoryReport, current_rss
 
-__all__ = ["BenchLM", "StepClock", "max_switch_jump", "run_method"]
+__all__ = ["BenchLM", "StepClock", "held_out_loss", "max_switch_jump", "run_method"]
 
 # the strategy's own work around a step: half grads -> FP32 master grads, masters -> half weights, block switches
 _STRATEGY_CALLS = ("_badam_grads_to_masters", "_badam_masters_to_weights", "activate")
@@ -141,16 +141,25 @@ def max_switch_jump(losses: list[float], blocks: list[int | None], window: int =
 
 
 @torch.no_grad()
-def _held_out_loss(trainer: Trainer, model: CausalLM, data: TextDataModule, batches: int) -> float:
+def held_out_loss(model: LightningModule, loader: Any, precision: Any, max_batches: int | None = None) -> float:
+    """Mean next-token loss per target token over ``loader`` (at most ``max_batches``), in eval mode and the run's
+    precision context; the module's training mode is restored afterwards.
+
+    Example::
+
+        loss = held_out_loss(model, data.val_dataloader(), trainer.precision_plugin, max_batches=16)
+    """
+    was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    with trainer.precision_plugin.forward_context():
-        for i, batch in enumerate(data.val_dataloader()):  # type: ignore[arg-type]
-            if i == batches:
+    with precision.forward_context():
+        for i, batch in enumerate(loader):
+            if i == max_batches:
                 break
-            loss, count = next_token_loss(model(batch["input_ids"]), batch)
+            loss, count = next_token_loss(model(batch["input_ids"], batch.get("attention_mask")), batch)
             total += float(loss) * int(count)
             tokens += int(count)
+    model.train(was_training)
     return total / max(tokens, 1)
 
 
@@ -206,7 +215,7 @@ def run_method(method: Method, config: BenchConfig, out: Path) -> dict[str, Any]
     with trainer.init_module():  # bf16-true builds the weights in bf16 directly, as loading a bf16 checkpoint does
         model = BenchLM(config.model_config(), method.optimizer, config)
     trainer.fit(model, datamodule=data)
-    final_loss = _held_out_loss(trainer, model, data, config.eval_batches)
+    final_loss = held_out_loss(model, data.val_dataloader(), trainer.precision_plugin, config.eval_batches)
 
     memory = report.report or {}
     details = memory.get("details", {})
