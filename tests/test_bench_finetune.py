@@ -62,3 +62,37 @@ def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
     assert {t["target"] for t in results["targets"]} >= {"gain_vs_adam_equal_steps", "peak_vs_adam"}
     assert "| AdamW (bf16-mixed) |" in (out / "results.md").read_text()
     assert (out / "finetune_loss_steps.png").stat().st_size > 0 and (out / "finetune_loss_time.png").stat().st_size > 0
+
+
+def test_quick_sweep_reads_the_validation_split_and_keeps_the_best_setting(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    env = {**os.environ, "LIGHTNING_MEMOPT_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "lightning_memopt.bench", "finetune", "--quick", "--sweep", "--seeds", "0"]
+    command += ["--methods", "badam,adamw-mixed", "--lr-factors", "1,10", "--everys", "1,2", "--jobs", "2"]
+    command += ["--out", str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["config"]["split"] == "val" and not sweep["failed"]
+    settings = [(r["method"], r["lr"], r["every"]) for r in sweep["runs"]]
+    # BAdam: every lr factor x every K; AdamW: every lr factor (no K)
+    assert settings == [("badam", 1e-3, 1), ("badam", 1e-3, 2), ("badam", 1e-2, 1), ("badam", 1e-2, 2),
+                        ("adamw-mixed", 1e-3, None), ("adamw-mixed", 1e-2, None)]  # fmt: skip
+    for method in ("badam", "adamw-mixed"):
+        losses = [r["final_loss"] for r in sweep["runs"] if r["method"] == method]
+        assert sweep["best"][method]["final_loss"] == min(losses)
+    # every run starts from the same base on the same (validation) samples, and the settings change the outcome
+    assert all(r["base_loss"] == pytest.approx(sweep["runs"][0]["base_loss"], rel=1e-3) for r in sweep["runs"])
+    assert len({round(r["final_loss"], 6) for r in sweep["runs"]}) == len(settings)
+    table = (out / "sweep.md").read_text()
+    assert "**best**" in table and "validation" in table
+
+
+def test_a_diverged_base_is_refused_and_not_cached(tmp_path: Path) -> None:
+    from lightning_memopt.bench.finetune_data import BaseConfig, make_base
+
+    tiny = dict(layers=2, hidden=32, intermediate=64, heads=2, context=128, steps=6, seq_len=32, batch_size=4)
+    diverging = BaseConfig(**tiny, lr=1e6, clip=0.0, max_bytes=100_000)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="diverged.*nothing was cached"):
+        make_base(tmp_path, diverging, progress=False)
+    assert not any(tmp_path.iterdir())

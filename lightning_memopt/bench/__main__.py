@@ -58,7 +58,7 @@ def _comm_parser() -> argparse.ArgumentParser:
 
 
 def _finetune_parser() -> argparse.ArgumentParser:
-    from lightning_memopt.bench.finetune import FT_METHODS
+    from lightning_memopt.bench.finetune import DEFAULT_FT_METHODS, FT_METHODS
 
     parser = argparse.ArgumentParser(
         prog="python -m lightning_memopt.bench finetune",
@@ -66,7 +66,9 @@ def _finetune_parser() -> argparse.ArgumentParser:
         "a fresh process; held-out loss at equal steps and equal time, memory and step time. Writes results.json, "
         "results.md and plots.",
     )
-    parser.add_argument("--methods", default=",".join(FT_METHODS), help=f"comma-separated: {', '.join(FT_METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_FT_METHODS), help=f"comma-separated: {', '.join(FT_METHODS)}"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/finetune"), help="output directory")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row")
@@ -74,6 +76,12 @@ def _finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="override every row's learning rate (sweeps)")
     parser.add_argument("--every", type=int, default=None, help="override BAdam's K (sweeps)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (a minute): checks the pipeline only")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, one process each (default: 1)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="sweep lr (and K) on the validation split instead; writes sweep.json/md"
+    )
+    parser.add_argument("--lr-factors", default="0.333,1,3", help="--sweep: factors of each row's lr")
+    parser.add_argument("--everys", default="", help="--sweep: comma-separated K values for the BAdam rows")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is abandoned")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -83,9 +91,11 @@ def _finetune(argv: Sequence[str], command: str) -> int:
     from dataclasses import replace
 
     from lightning_memopt.bench.finetune import FT_METHODS, FinetuneConfig, quick_config
-    from lightning_memopt.bench.finetune_report import run_finetune
+    from lightning_memopt.bench.finetune_report import run_finetune, run_finetune_sweep
 
     args = _finetune_parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}.")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in FT_METHODS]
     if unknown or not names:
@@ -94,11 +104,28 @@ def _finetune(argv: Sequence[str], command: str) -> int:
     config = replace(config, split=args.split, lr=args.lr, every=args.every)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.sweep:
+        sweep = run_finetune_sweep(
+            [FT_METHODS[n] for n in names],
+            replace(config, lr=None, every=None),
+            args.out,
+            lr_factors=[float(f) for f in args.lr_factors.split(",") if f.strip()],
+            everys=[int(k) for k in args.everys.split(",") if k.strip()],
+            seed=seeds[0],
+            jobs=args.jobs,
+            progress=not args.no_progress,
+            timeout_s=args.timeout,
+            command=command,
+        )
+        print((args.out / "sweep.md").read_text())
+        return 1 if sweep["failed"] else 0
     results = run_finetune(
         [FT_METHODS[n] for n in names],
         config,
         args.out,
-        seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
+        seeds=seeds,
+        jobs=args.jobs,
         progress=not args.no_progress,
         timeout_s=args.timeout,
         command=command,

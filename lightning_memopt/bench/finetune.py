@@ -28,6 +28,7 @@ from lightning_memopt.bench.worker import held_out_loss
 from lightning_memopt.lm import CausalLM
 
 __all__ = [
+    "DEFAULT_FT_METHODS",
     "FT_METHODS",
     "FinetuneConfig",
     "FtMethod",
@@ -52,6 +53,7 @@ class FtMethod:
         every: BAdam's K.
         order: BlockSwitch order.
         rank: LoRA rank (alpha = 2 x rank).
+        layers_per_block: BAdam blocks of this many consecutive decoder layers (1: one layer per block, the paper's).
         strategy: extra BAdamStrategy arguments.
         callbacks: extra callbacks, as ``(class name in lightning_memopt.callbacks, kwargs)``.
     """
@@ -62,9 +64,10 @@ class FtMethod:
     precision: str
     optimizer: str = "adamw"
     lr: float = 1e-3
-    every: int = 10
+    every: int = 3
     order: str = "random"
     rank: int = 0
+    layers_per_block: int = 1
     strategy: dict[str, Any] = field(default_factory=dict)
     callbacks: tuple[tuple[str, dict[str, Any]], ...] = ()
 
@@ -77,21 +80,58 @@ FT_METHODS: dict[str, FtMethod] = {
         FtMethod("adamw8bit", "AdamW8bit (bf16-mixed)", "full", "bf16-mixed", "adamw8bit", lr=1e-3),
         FtMethod("lora-r8", "LoRA r=8, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=8),
         FtMethod("lora-r64", "LoRA r=64, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=64),
-        FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=1e-3),
-        FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=1e-3),
+        FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=2e-3),
+        FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=2e-3),
         FtMethod("block-sgd", "Block SGD (bf16-true)", "badam", "bf16-true", "sgd", lr=0.05),
-        FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=1e-3, order="importance"),
+        FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=2e-3, order="importance"),
         FtMethod(
             "badam-statefree",
             "BAdam + StateFreeUpdates (signSGD)",
             "badam",
             "bf16-true",
-            lr=1e-3,
+            lr=2e-3,
             callbacks=(("StateFreeUpdates", {"rule": "signsgd", "lr_ratio": 0.1}),),
+        ),
+        # the gap study's variants (docs/benchmarks.md, "Where the gap comes from"): not in the default rows
+        FtMethod(
+            "badam-embed-head",
+            "BAdam, embedding and head as blocks",
+            "badam",
+            "bf16-true",
+            lr=2e-3,
+            strategy={"include_embedding": True, "include_lm_head": True},
+        ),
+        FtMethod(
+            "badam-keep-state",
+            "BAdam, optimizer state kept across switches",
+            "badam",
+            "bf16-true",
+            lr=2e-3,
+            strategy={"keep_optimizer_state": True},
+        ),
+        FtMethod(
+            "badam-module",
+            "BAdam, attention / MLP blocks",
+            "badam",
+            "bf16-true",
+            lr=2e-3,
+            strategy={"granularity": "module"},
+        ),
+        FtMethod(
+            "badam-2layer", "BAdam, blocks of 2 layers", "badam", "bf16-true", lr=2e-3, every=6, layers_per_block=2
+        ),
+        FtMethod(
+            "badam-4layer", "BAdam, blocks of 4 layers", "badam", "bf16-true", lr=2e-3, every=12, layers_per_block=4
         ),
     )
 }
 """Every row, by name; the learning rates and K are the sweep's choices (see ``docs/benchmarks.md``)."""
+
+DEFAULT_FT_METHODS: tuple[str, ...] = (
+    "adamw-mixed", "adamw-bf16", "adamw8bit", "lora-r8", "lora-r64", "badam", "badam-8bit", "block-sgd",
+    "badam-importance", "badam-statefree",
+)  # fmt: skip
+"""The benchmark's rows (``--methods`` default); the other entries of :data:`FT_METHODS` are the gap study's."""
 
 
 @dataclass(frozen=True)
@@ -101,10 +141,16 @@ class FinetuneConfig:
     Args:
         steps: optimizer steps (equal-steps comparison).
         batch_size: samples per optimizer step.
-        max_length: bytes per sample (longer ones are cut; the report counts them).
+        max_length: bytes per sample (longer ones are left out; the report counts them).
+        group_by_length: batches of similar lengths (:class:`~lightning_memopt.data.InstructionDataModule`'s
+            ``group_by_length``), so less of each batch is padding.
+        gradient_checkpointing: recompute the decoder layers' activations in backward (every row alike).
         warmup: warmup steps of the cosine schedule.
         eval_every: steps between held-out evaluations on ``curve_samples`` test samples.
-        curve_samples: held-out samples of the loss curves (the final loss uses the whole test set).
+        eval_stride: the held-out loss is on every ``eval_stride``-th sample of the split (1: all of them); each
+            evaluation of the whole test set costs as much as ~20 training steps here.
+        curve_samples: held-out samples of the loss curves, evenly spread over the held-out set (the base and final
+            losses use all of it).
         split: ``"test"`` (the held-out modules) or ``"val"`` (sweeps: never choose settings on the test set).
         seed: model-independent seed: data order, BAdam's block order.
         threads: torch threads.
@@ -112,12 +158,15 @@ class FinetuneConfig:
         base, task: the base model and the task.
     """
 
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 144
+    batch_size: int = 4
     max_length: int = 512
-    warmup: int = 10
-    eval_every: int = 50
-    curve_samples: int = 96
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    warmup: int = 8
+    eval_every: int = 36
+    eval_stride: int = 2
+    curve_samples: int = 64
     split: str = "test"
     seed: int = 0
     threads: int = 1
@@ -187,6 +236,15 @@ def _add_lora(module: CausalLM, rank: int) -> None:
             param.data = param.data.float()
 
 
+def _layer_groups(module: LightningModule, size: int) -> list[list[str]]:
+    """BAdam blocks of ``size`` consecutive decoder layers, as ``block_prefixes``."""
+    lists = [(name, len(sub)) for name, sub in module.named_modules() if isinstance(sub, torch.nn.ModuleList)]
+    if len(lists) != 1:
+        raise ValueError(f"Expected one list of decoder layers, found {[name for name, _ in lists]}.")
+    ((name, count),) = lists
+    return [[f"{name}.{i}" for i in range(start, min(start + size, count))] for start in range(0, count, size)]
+
+
 def run_finetune_row(
     method: FtMethod, config: FinetuneConfig, base_dir: str, task_dir: str, out: Path, cache_dir: str
 ) -> dict[str, Any]:
@@ -203,7 +261,7 @@ def run_finetune_row(
     train_file = str(Path(task_dir) / "train.jsonl")
     data = InstructionDataModule(
         [train_file], None, config.max_length, config.batch_size, val_fraction=0.0, cache_dir=cache_dir,
-        overlong="drop", seed=config.seed,
+        overlong="drop", seed=config.seed, group_by_length=config.group_by_length,
     )  # fmt: skip
     held_out = InstructionDataModule(
         [train_file], None, config.max_length, 32, val_paths=[str(Path(task_dir) / f"{config.split}.jsonl")],
@@ -211,11 +269,15 @@ def run_finetune_row(
     )  # fmt: skip
     held_out.prepare_data()
     held_out.setup("fit")
-    full_loader = held_out.val_dataloader()
-    assert isinstance(full_loader, DataLoader)
-    size = len(full_loader.dataset)  # type: ignore[arg-type]
-    subset = torch.utils.data.Subset(full_loader.dataset, range(min(config.curve_samples, size)))
-    curve_loader = DataLoader(subset, batch_size=32, collate_fn=full_loader.collate_fn)
+    split_loader = held_out.val_dataloader()
+    assert isinstance(split_loader, DataLoader)
+    every_sample = range(0, len(split_loader.dataset), config.eval_stride)  # type: ignore[arg-type]
+    eval_set = torch.utils.data.Subset(split_loader.dataset, list(every_sample))
+    full_loader = DataLoader(eval_set, batch_size=32, collate_fn=split_loader.collate_fn)
+    spread = torch.linspace(0, len(eval_set) - 1, min(config.curve_samples, len(eval_set))).round().long().tolist()
+    curve_loader = DataLoader(
+        torch.utils.data.Subset(eval_set, spread), batch_size=32, collate_fn=split_loader.collate_fn
+    )
 
     with contextlib.suppress(ImportError):
         import bitsandbytes  # noqa: F401
@@ -225,12 +287,18 @@ def run_finetune_row(
     reset_peak_rss()
     baseline = current_rss()
     dtype = "float32" if method.precision.endswith("mixed") and method.kind != "lora" else "bfloat16"
-    model = ScheduledLM(method.optimizer, method.lr, config.steps, config.warmup, model_path=base_dir, dtype=dtype)
+    model = ScheduledLM(
+        method.optimizer, method.lr, config.steps, config.warmup, model_path=base_dir, dtype=dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )  # fmt: skip
     if method.kind == "lora":
         _add_lora(model, method.rank)
     curve = HeldOutCurve(curve_loader, config.eval_every)
     report = MemoryReport(every_n_steps=25)
     cbs: list[Callback] = [curve]
+    strategy_args = dict(method.strategy)
+    if method.layers_per_block > 1:
+        strategy_args["block_prefixes"] = _layer_groups(model, method.layers_per_block)
     if method.kind == "badam":
         cbs.append(BlockSwitch(every=method.every, order=method.order, seed=config.seed))  # type: ignore[arg-type]
     for name, kwargs in method.callbacks:
@@ -239,7 +307,7 @@ def run_finetune_row(
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
-        strategy=BAdamStrategy(**method.strategy) if method.kind == "badam" else "auto",
+        strategy=BAdamStrategy(**strategy_args) if method.kind == "badam" else "auto",
         precision=method.precision,  # type: ignore[arg-type]
         max_steps=config.steps,
         limit_val_batches=0,
@@ -280,6 +348,7 @@ def run_finetune_row(
         "memory": {k: memory.get(k) for k in ("weights", "buffers", "masters", "grads", "optimizer_state")},
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "data_stats": dict(data.stats),
+        "eval_samples": len(eval_set),
         "wall_s": time.perf_counter() - began,
     }
     (out / "row.json").write_text(json.dumps(row, indent=2) + "\n")

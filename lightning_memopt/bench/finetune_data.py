@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import shutil
 import sysconfig
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback
 from typing_extensions import override
 
 from lightning_memopt.lm import CausalLM
@@ -197,11 +199,12 @@ class BaseConfig:
     seq_len: int = 256
     batch_size: int = 16
     lr: float = 2e-3
+    clip: float = 1.0
     max_bytes: int = 8_000_000
     seed: int = 0
 
     def key(self) -> str:
-        return _key({"base": asdict(self), "version": 1})
+        return _key({"base": asdict(self), "version": 2})
 
     def model_config(self) -> dict[str, Any]:
         return {
@@ -260,6 +263,27 @@ class ScheduledLM(CausalLM):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class _SkipNonFiniteSteps(Callback):
+    """Drops every gradient of a step in which one is inf/NaN, so AdamW skips that step.
+
+    The base's bf16-mixed pretraining can overflow in backward (a residual-stream gradient of ~1e37 was seen once at
+    lr 2e-3, from a finite loss); one such step would write NaN into every weight.
+    """
+
+    def __init__(self) -> None:
+        self.skipped: list[int] = []
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        import torch
+
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.skipped.append(trainer.global_step)
+            for param in pl_module.parameters():
+                param.grad = None
+
+
 def pretraining_files() -> list[str]:
     """The standard library's top-level modules, without the test modules."""
     return [str(path) for module, paths in _module_files().items() if module not in TEST_MODULES for path in paths]
@@ -291,6 +315,7 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
     )
 
     losses = StepClock()
+    skips = _SkipNonFiniteSteps()
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -301,15 +326,23 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
         enable_model_summary=False,
         enable_progress_bar=progress,
         limit_val_batches=20,
+        gradient_clip_val=config.clip,
         val_check_interval=config.steps,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        callbacks=[losses],
+        callbacks=[losses, skips],
     )
     start = time.perf_counter()
     trainer.fit(model, data)
     seconds = time.perf_counter() - start
     val_loss = float(trainer.callback_metrics["val_loss"])
+    # worse than a uniform guess over the 256 bytes: it diverged (or learned nothing)
+    if not val_loss <= math.log(256) or len(skips.skipped) > config.steps // 50:
+        raise RuntimeError(
+            f"Pretraining the benchmark's base diverged (validation loss {val_loss:.3f} nats/byte, a uniform guess is "
+            f"{math.log(256):.3f}; {len(skips.skipped)} steps skipped for inf/NaN gradients); nothing was cached. "
+            "Lower BaseConfig.lr or BaseConfig.clip and run again."
+        )
     staging = out.with_name(out.name + f".partial-{os.getpid()}")
     model.model.to(torch.bfloat16).save_pretrained(staging)  # type: ignore[arg-type]
     info = {
@@ -319,6 +352,8 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
         "pretrain_val_loss": val_loss,
         "pretrain_train_loss_last50": sum(losses.losses[-50:]) / max(1, len(losses.losses[-50:])),
         "pretrain_seconds": seconds,
+        "pretrain_loss_every_25_steps": losses.losses[::25],
+        "pretrain_skipped_steps": skips.skipped,
     }
     (staging / "base.json").write_text(json.dumps(info, indent=2))
     if out.exists():

@@ -4,9 +4,10 @@ Outputs in ``--out``: ``results.json`` (a list of rows, one per method, with per
 table and the targets, each with pass/miss) and ``finetune_loss_steps.png`` / ``finetune_loss_time.png``.
 
 Equal wall-clock time: the reference is AdamW ``bf16-mixed``'s training time (evaluations excluded), per seed. A
-row whose training time differs from it by more than 5% is run again for as many steps as fit in the reference time
-at its own median step time (its schedule spanning those steps); the held-out loss at the end of that run is its
-equal-time loss. Every loss in the table is on the whole held-out set; the curves use ``curve_samples`` of it.
+row whose training time differs from it by more than ``TIME_TOLERANCE`` (10%) is run again for as many steps as fit
+in the reference time at its own median step time (its schedule spanning those steps); the held-out loss at the end
+of that run is its equal-time loss. Every loss in the table is on the whole held-out set (every ``eval_stride``-th
+sample of the split); the curves use ``curve_samples`` of it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,14 @@ from lightning_memopt.bench.finetune_data import cache_root, make_base, make_tas
 from lightning_memopt.bench.matrix import run_worker
 from lightning_memopt.bench.report import machine_info
 
-__all__ = ["REFERENCE", "evaluate_finetune_targets", "render_finetune", "run_finetune"]
+__all__ = ["REFERENCE", "evaluate_finetune_targets", "render_finetune", "run_finetune", "run_finetune_sweep"]
 
 REFERENCE = "adamw-mixed"
 """The paper's "Adam": every gain is compared with this row's."""
+
+TIME_TOLERANCE = 0.1
+"""A row whose training time is within this fraction of the reference's counts as equal time (two runs of one row
+differ by about as much on this shared machine); others are rerun for as many steps as fit."""
 
 
 def _worker_args(method: FtMethod, config: FinetuneConfig, base: str, task: str, out: Path) -> list[str]:
@@ -52,68 +58,65 @@ def run_finetune(
     out: Path,
     seeds: Sequence[int] = (0, 1, 2),
     *,
+    jobs: int = 1,
     progress: bool = True,
     timeout_s: float | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Pretrain (or reuse) the base, build the task, run every method for every seed, write the results."""
+    """Pretrain (or reuse) the base, build the task, run every method for every seed, write the results.
+
+    ``jobs`` runs that many rows at once (each in its own process with ``config.threads`` threads): every row's step
+    time is then measured under the same kind of load, the reference's included.
+
+    Example::
+
+        run_finetune([FT_METHODS["adamw-mixed"], FT_METHODS["badam"]], FinetuneConfig(), Path("out"), jobs=2)
+    """
     out.mkdir(parents=True, exist_ok=True)
     base = make_base(cache_root() / "base", config.base, progress=progress)
     task = make_task(cache_root() / "task", config.task)
-    runs: dict[str, list[dict[str, Any]]] = {}
     failed: list[dict[str, str]] = []
     order = sorted(methods, key=lambda m: m.name != REFERENCE)  # the reference first: it sets the time budget
-    bar = tqdm(total=len(order) * len(seeds), desc="fine-tuning benchmark", disable=not progress, dynamic_ncols=True)
-    for method in order:
-        for seed in seeds:
-            bar.set_postfix_str(f"{method.name} seed {seed}")
-            run_config = replace(config, seed=seed)
-            where = out / "runs" / method.name / f"seed{seed}"
-            row = run_worker(_worker_args(method, run_config, base["dir"], task["dir"], where), where, config.threads,
-                             timeout_s)  # fmt: skip
-            bar.update()
-            if row is None:
-                failed.append({"method": method.name, "seed": str(seed), "reason": (where / "error.txt").read_text()})
-                continue
+    plan = [(method, replace(config, seed=seed), out / "runs" / method.name / f"seed{seed}")
+            for method in order for seed in seeds]  # fmt: skip
+    done = _run_many(plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, "fine-tuning benchmark")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for (method, _, _), row in zip(plan, done, strict=True):
+        if row is not None:
             runs.setdefault(method.name, []).append(row)
-    bar.close()
     reference_seconds = {r["seed"]: r["train_seconds"] for r in runs.get(REFERENCE, [])}
+    longer_plan: list[tuple[FtMethod, FinetuneConfig, Path]] = []
+    longer_rows: list[dict[str, Any]] = []
     for name, rows in runs.items():
         for row in rows:
             budget = reference_seconds.get(row["seed"])
             row["equal_time_budget_s"] = budget
             row["equal_time_steps"] = None
+            row["final_loss_equal_time"] = None
             if budget is None:
-                row["final_loss_equal_time"] = None
-            elif abs(row["train_seconds"] - budget) <= 0.05 * budget:
+                continue
+            if abs(row["train_seconds"] - budget) <= TIME_TOLERANCE * budget:
                 row["final_loss_equal_time"] = row["final_loss"]
-            else:
-                # the method given AdamW's training time: as many steps as fit at its own step time, its schedule
-                # spanning them
-                steps = max(1, round(budget / row["step_time_s"]))
-                longer = replace(
-                    config,
-                    seed=row["seed"],
-                    steps=steps,
-                    eval_every=max(1, steps // 6),
-                    warmup=min(config.warmup, steps - 1),
-                )
-                where = out / "runs" / name / f"seed{row['seed']}-equal-time"
-                extra = run_worker(_worker_args(FT_METHODS[name], longer, base["dir"], task["dir"], where), where,
-                                   config.threads, timeout_s)  # fmt: skip
-                row["equal_time_steps"] = steps
-                row["equal_time_curve"] = extra["curve"] if extra else None
-                row["final_loss_equal_time"] = extra["final_loss"] if extra else None
-                if extra is None:
-                    failed.append(
-                        {"method": name, "seed": str(row["seed"]), "reason": (where / "error.txt").read_text()}
-                    )
+                continue
+            # the method given AdamW's training time: as many steps as fit at its own step time, its schedule
+            # spanning them
+            steps = max(1, round(budget / row["step_time_s"]))
+            longer = replace(config, seed=row["seed"], steps=steps, eval_every=max(1, steps // 6),
+                             warmup=min(config.warmup, steps - 1))  # fmt: skip
+            row["equal_time_steps"] = steps
+            longer_plan.append((FT_METHODS[name], longer, out / "runs" / name / f"seed{row['seed']}-equal-time"))
+            longer_rows.append(row)
+    extras = _run_many(longer_plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, "equal-time reruns")
+    for row, extra in zip(longer_rows, extras, strict=True):
+        row["equal_time_curve"] = extra["curve"] if extra else None
+        row["final_loss_equal_time"] = extra["final_loss"] if extra else None
     rows = [_aggregate(name, runs[name]) for name in [m.name for m in methods] if name in runs]
     results = {
         "config": json.loads(config.to_json()),
         "base": base,
         "task": {k: v for k, v in task.items() if k != "dir"},
         "seeds": list(seeds),
+        "jobs": jobs,
         "machine": machine_info(config.threads),
         "command": command,
         "rows": rows,
@@ -123,6 +126,108 @@ def run_finetune(
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(render_finetune(results))
     _plots(rows, out)
+    return results
+
+
+def _run_many(
+    plan: Sequence[tuple[FtMethod, FinetuneConfig, Path]],
+    base: str,
+    task: str,
+    jobs: int,
+    timeout_s: float | None,
+    failed: list[dict[str, str]],
+    progress: bool,
+    desc: str,
+) -> list[dict[str, Any] | None]:
+    """Run every ``(method, config, out)`` of ``plan`` in its own process, ``jobs`` at a time, in plan order; the
+    rows in plan order (``None`` for a failed run, recorded in ``failed``)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}.")
+    bar = tqdm(total=len(plan), desc=desc, disable=not progress or not plan, dynamic_ncols=True)
+
+    def one(item: tuple[FtMethod, FinetuneConfig, Path]) -> dict[str, Any] | None:
+        method, run_config, where = item
+        row = run_worker(_worker_args(method, run_config, base, task, where), where, run_config.threads, timeout_s)
+        bar.set_postfix_str(f"{method.name} seed {run_config.seed}")
+        bar.update()
+        if row is None:
+            failed.append({"method": method.name, "seed": str(run_config.seed),
+                           "reason": (where / "error.txt").read_text()})  # fmt: skip
+        return row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(one, plan))
+    bar.close()
+    return rows
+
+
+def run_finetune_sweep(
+    methods: Sequence[FtMethod],
+    config: FinetuneConfig,
+    out: Path,
+    lr_factors: Sequence[float] = (1 / 3, 1.0, 3.0),
+    everys: Sequence[int] = (),
+    seed: int = 0,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    timeout_s: float | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """The settings sweep, on the **validation** split only: every method at ``lr x factor`` for each factor (and, for
+    BAdam rows, each K in ``everys``, else its own K), one seed, equal steps. Writes ``sweep.json`` and ``sweep.md``
+    with the best setting per method by validation loss; the test set is never read.
+
+    Example::
+
+        run_finetune_sweep([FT_METHODS["badam"]], FinetuneConfig(), Path("sweep"), everys=(2, 4), jobs=2)
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    config = replace(config, split="val", seed=seed)
+    base = make_base(cache_root() / "base", config.base, progress=progress)
+    task = make_task(cache_root() / "task", config.task)
+    plan: list[tuple[FtMethod, FinetuneConfig, Path]] = []
+    for method in methods:
+        ks = everys if method.kind == "badam" and everys else (method.every,)
+        for factor in lr_factors:
+            for k in ks:
+                lr = float(f"{method.lr * factor:.3g}")
+                tag = f"lr{lr:g}" + (f"-K{k}" if method.kind == "badam" else "")
+                plan.append((method, replace(config, lr=lr, every=k), out / "runs" / method.name / tag))
+    failed: list[dict[str, str]] = []
+    rows = _run_many(plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, "fine-tuning sweep (val)")
+    runs = [
+        {key: row[key] for key in ("method", "label", "kind", "lr", "every", "base_loss", "final_loss", "step_time_s")}
+        for row in rows
+        if row is not None
+    ]
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if run["method"] not in best or run["final_loss"] < best[run["method"]]["final_loss"]:
+            best[run["method"]] = run
+    results = {"config": json.loads(config.to_json()), "base": base, "runs": runs, "best": best, "failed": failed,
+               "command": command, "machine": machine_info(config.threads)}  # fmt: skip
+    (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Fine-tuning sweep (validation split)",
+        "",
+        f"{config.steps} steps of {config.batch_size}, seed {seed}; base loss on the validation split "
+        f"{runs[0]['base_loss']:.3f}."
+        if runs
+        else "No run finished.",
+        "",
+        "| method | lr | K | validation loss | step | best |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        mark = "**best**" if best[run["method"]] is run else ""
+        every = str(run["every"]) if run["kind"] == "badam" else "-"
+        loss, step = f"{run['final_loss']:.4f}", f"{run['step_time_s']:.2f} s"
+        lines.append(f"| {run['label']} | {run['lr']:g} | {every} | {loss} | {step} | {mark} |")
+    if failed:
+        lines += ["", "Failed runs:", *[f"- {f['method']}: {f['reason']}" for f in failed]]
+    lines += ["", f"Command: `{command}`", ""]
+    (out / "sweep.md").write_text("\n".join(lines))
     return results
 
 
