@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+EVAL_BATCH = 16
+"""Held-out samples per forward pass (no autograd): its peak stays below the training steps' at these lengths."""
+
+
 @dataclass(frozen=True)
 class FtMethod:
     """One row of the fine-tuning benchmark.
@@ -75,15 +79,15 @@ class FtMethod:
 FT_METHODS: dict[str, FtMethod] = {
     m.name: m
     for m in (
-        FtMethod("adamw-mixed", "AdamW (bf16-mixed)", "full", "bf16-mixed", lr=1e-3),
-        FtMethod("adamw-bf16", "AdamW (bf16-true)", "full", "bf16-true", lr=1e-3),
-        FtMethod("adamw8bit", "AdamW8bit (bf16-mixed)", "full", "bf16-mixed", "adamw8bit", lr=1e-3),
+        FtMethod("adamw-mixed", "AdamW (bf16-mixed)", "full", "bf16-mixed", lr=3.33e-4),
+        FtMethod("adamw-bf16", "AdamW (bf16-true)", "full", "bf16-true", lr=3.33e-4),
+        FtMethod("adamw8bit", "AdamW8bit (bf16-mixed)", "full", "bf16-mixed", "adamw8bit", lr=3.33e-4),
         FtMethod("lora-r8", "LoRA r=8, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=8),
         FtMethod("lora-r64", "LoRA r=64, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=64),
         FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=2e-3),
         FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=2e-3),
-        FtMethod("block-sgd", "Block SGD (bf16-true)", "badam", "bf16-true", "sgd", lr=0.05),
-        FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=2e-3, order="importance"),
+        FtMethod("block-sgd", "Block SGD (bf16-true)", "badam", "bf16-true", "sgd", lr=0.15),
+        FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=6.66e-4, order="importance"),
         FtMethod(
             "badam-statefree",
             "BAdam + StateFreeUpdates (signSGD)",
@@ -264,7 +268,7 @@ def run_finetune_row(
         overlong="drop", seed=config.seed, group_by_length=config.group_by_length,
     )  # fmt: skip
     held_out = InstructionDataModule(
-        [train_file], None, config.max_length, 32, val_paths=[str(Path(task_dir) / f"{config.split}.jsonl")],
+        [train_file], None, config.max_length, EVAL_BATCH, val_paths=[str(Path(task_dir) / f"{config.split}.jsonl")],
         cache_dir=cache_dir, seed=config.seed, overlong="drop",
     )  # fmt: skip
     held_out.prepare_data()
@@ -273,10 +277,10 @@ def run_finetune_row(
     assert isinstance(split_loader, DataLoader)
     every_sample = range(0, len(split_loader.dataset), config.eval_stride)  # type: ignore[arg-type]
     eval_set = torch.utils.data.Subset(split_loader.dataset, list(every_sample))
-    full_loader = DataLoader(eval_set, batch_size=32, collate_fn=split_loader.collate_fn)
+    full_loader = DataLoader(eval_set, batch_size=EVAL_BATCH, collate_fn=split_loader.collate_fn)
     spread = torch.linspace(0, len(eval_set) - 1, min(config.curve_samples, len(eval_set))).round().long().tolist()
     curve_loader = DataLoader(
-        torch.utils.data.Subset(eval_set, spread), batch_size=32, collate_fn=split_loader.collate_fn
+        torch.utils.data.Subset(eval_set, spread), batch_size=EVAL_BATCH, collate_fn=split_loader.collate_fn
     )
 
     with contextlib.suppress(ImportError):

@@ -142,8 +142,9 @@ def max_switch_jump(losses: list[float], blocks: list[int | None], window: int =
 
 @torch.no_grad()
 def held_out_loss(model: LightningModule, loader: Any, precision: Any, max_batches: int | None = None) -> float:
-    """Mean next-token loss per target token over ``loader`` (at most ``max_batches``), in eval mode and the run's
-    precision context; the module's training mode is restored afterwards.
+    """Mean next-token loss per target token over ``loader`` (at most ``max_batches``), in eval mode, without autograd
+    (no activations kept for a backward that never comes) and in the run's precision context; the module's training
+    mode is restored afterwards.
 
     Example::
 
@@ -152,7 +153,7 @@ def held_out_loss(model: LightningModule, loader: Any, precision: Any, max_batch
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    with precision.forward_context():
+    with torch.no_grad(), precision.forward_context():
         for i, batch in enumerate(loader):
             if i == max_batches:
                 break
