@@ -39,7 +39,7 @@ bench-comm: $(STAMP)
 	$(BIN)/python -m lightning_memopt.bench comm --out bench_results
 
 bench-finetune: $(STAMP)
-	$(BIN)/python -m lightning_memopt.bench finetune --out bench_results/finetune
+	$(BIN)/python -m lightning_memopt.bench finetune --jobs 2 --out bench_results/finetune
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs
