@@ -105,31 +105,18 @@ def _finetune(argv: Sequence[str], command: str) -> int:
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise SystemExit("--seeds is empty: give at least one seed, e.g. --seeds 0.")
+    methods = [FT_METHODS[n] for n in names]
+    shared = {"jobs": args.jobs, "progress": not args.no_progress, "timeout_s": args.timeout, "command": command}
     if args.sweep:
-        sweep = run_finetune_sweep(
-            [FT_METHODS[n] for n in names],
-            replace(config, lr=None, every=None),
-            args.out,
-            lr_factors=[float(f) for f in args.lr_factors.split(",") if f.strip()],
-            everys=[int(k) for k in args.everys.split(",") if k.strip()],
-            seed=seeds[0],
-            jobs=args.jobs,
-            progress=not args.no_progress,
-            timeout_s=args.timeout,
-            command=command,
-        )
+        factors = [float(f) for f in args.lr_factors.split(",") if f.strip()]
+        everys = [int(k) for k in args.everys.split(",") if k.strip()]
+        sweep = run_finetune_sweep(methods, replace(config, lr=None, every=None), args.out, factors, everys, seeds[0],
+                                   **shared)  # fmt: skip
         print((args.out / "sweep.md").read_text())
         return 1 if sweep["failed"] else 0
-    results = run_finetune(
-        [FT_METHODS[n] for n in names],
-        config,
-        args.out,
-        seeds=seeds,
-        jobs=args.jobs,
-        progress=not args.no_progress,
-        timeout_s=args.timeout,
-        command=command,
-    )
+    results = run_finetune(methods, config, args.out, seeds=seeds, **shared)
     print((args.out / "results.md").read_text())
     return 1 if results["failed"] else 0
 
