@@ -70,11 +70,16 @@ def test_quick_sweep_reads_the_validation_split_and_keeps_the_best_setting(tmp_p
     env = {**os.environ, "LIGHTNING_MEMOPT_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "lightning_memopt.bench", "finetune", "--quick", "--sweep", "--seeds", "0"]
     command += ["--methods", "badam,adamw-mixed", "--lr-factors", "1,10", "--everys", "1,2", "--jobs", "2"]
-    command += ["--out", str(out), "--no-progress"]
+    command += ["--base-hidden", "64", "--gradient-checkpointing", "--out", str(out), "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["config"]["split"] == "val" and not sweep["failed"]
+    # --base-hidden: the quick base (width 32) at width 64, pretrained for this sweep
+    assert {k: sweep["base"]["config"][k] for k in ("hidden", "intermediate", "heads")} == {
+        "hidden": 64, "intermediate": 176, "heads": 2}  # fmt: skip
+    assert sweep["config"]["base"]["hidden"] == 64 and sweep["base"]["parameters"] > 0
+    assert sweep["config"]["gradient_checkpointing"] is True  # every run recomputed its activations
     settings = [(r["method"], r["lr"], r["every"]) for r in sweep["runs"]]
     # BAdam: every lr factor x every K; AdamW: every lr factor (no K)
     badam, adam = FT_METHODS["badam"].lr, FT_METHODS["adamw-mixed"].lr
@@ -89,6 +94,13 @@ def test_quick_sweep_reads_the_validation_split_and_keeps_the_best_setting(tmp_p
     assert len({round(r["final_loss"], 6) for r in sweep["runs"]}) == len(settings)
     table = (out / "sweep.md").read_text()
     assert "**best**" in table and "validation" in table
+
+
+def test_a_base_width_that_is_not_a_multiple_of_the_head_size_is_refused() -> None:
+    from lightning_memopt.bench.__main__ import _finetune
+
+    with pytest.raises(SystemExit, match="--base-hidden must be a positive multiple of 32"):
+        _finetune(["--quick", "--base-hidden", "50"], "test")
 
 
 def test_a_diverged_base_is_refused_and_not_cached(tmp_path: Path) -> None:

@@ -82,6 +82,17 @@ def _finetune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lr-factors", default="0.333,1,3", help="--sweep: factors of each row's lr")
     parser.add_argument("--everys", default="", help="--sweep: comma-separated K values for the BAdam rows")
+    parser.add_argument(
+        "--base-hidden",
+        type=int,
+        default=None,
+        help="the base's width (model-size trend; default 128): MLP 2.75x, heads of 32; pretrained once and cached",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute every row's decoder activations in backward (activations stop dominating the peak)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is abandoned")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -102,8 +113,14 @@ def _finetune(argv: Sequence[str], command: str) -> int:
         raise SystemExit(f"Unknown or no --methods {unknown}. Choose from: {', '.join(FT_METHODS)}.")
     config = quick_config() if args.quick else FinetuneConfig()
     config = replace(config, split=args.split, lr=args.lr, every=args.every)
+    if args.gradient_checkpointing:
+        config = replace(config, gradient_checkpointing=True)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
+    if args.base_hidden is not None:
+        if args.base_hidden < 32 or args.base_hidden % 32:
+            raise SystemExit(f"--base-hidden must be a positive multiple of 32 (heads of 32), got {args.base_hidden}.")
+        config = replace(config, base=config.base.with_width(args.base_hidden))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
         raise SystemExit("--seeds is empty: give at least one seed, e.g. --seeds 0.")

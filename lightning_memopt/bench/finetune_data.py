@@ -19,7 +19,7 @@ import os
 import shutil
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,15 @@ class BaseConfig:
 
     def key(self) -> str:
         return _key({"base": asdict(self), "version": 2})
+
+    def with_width(self, hidden: int) -> BaseConfig:
+        """The same base at another width (the model-size trend): MLP 2.75x wide, attention heads of 32 dimensions.
+
+        Example::
+
+            BaseConfig().with_width(64)  # 16 layers of width 64, MLP 176, 2 heads
+        """
+        return replace(self, hidden=hidden, intermediate=hidden * 11 // 4, heads=max(1, hidden // 32))
 
     def model_config(self) -> dict[str, Any]:
         return {
