@@ -612,7 +612,8 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             ``None`` finds the repeated layers and makes one block per layer.
         block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block.
         include_embedding: with automatic blocks, also train the embeddings as a block of their own.
-        include_lm_head: with automatic blocks, also train the output head as a block of its own.
+        include_lm_head: with automatic blocks, also train the output head and the final norm (a tied head through
+            its shared weight) as a last block.
         granularity: with automatic blocks, ``"layer"`` (one block per repeated layer), ``"module"`` (per attention,
             MLP, norm of each layer) or ``"matrix"`` (per parameter tensor); see
             :func:`lightning_memopt.blocks.partition`. Finer blocks pair with ``BlockSwitch(order="importance",
