@@ -355,3 +355,18 @@ def test_a_badam_checkpoint_resumes_with_a_plain_strategy(tmp_path_factory, tmp_
     # two full AdamW steps at lr 1e-3 move every parameter, inactive blocks, embedding and head included
     moved = {n: (p.detach() - weights_at_start[n]).abs().max().item() for n, p in module.named_parameters()}
     assert min(moved.values()) > 1e-4, min(moved, key=moved.get)
+
+
+def test_a_checkpoint_in_the_older_layout_still_resumes_exactly(tmp_path_factory, tmp_path):
+    # before the groups listed every parameter, they listed the active masters only (numbered 0, 1, ... in group
+    # order) and the BAdam entry had no "optimizer_groups"; such a file must still resume bit-exactly
+    ckpt = torch.load(_checkpoint(tmp_path_factory, "bf16-true", "ascending", 4), weights_only=True)
+    opt_state = ckpt["optimizer_states"][0]
+    active = sorted(opt_state["state"])
+    opt_state["state"] = {i: opt_state["state"][full] for i, full in enumerate(active)}
+    opt_state["param_groups"] = [{**opt_state["param_groups"][0], "params": list(range(len(active)))}]
+    del opt_state["badam"]["optimizer_groups"]
+    old = tmp_path / "old-layout.ckpt"
+    torch.save(ckpt, old)
+    resumed = _fit(tmp_path, "bf16-true", "ascending", MAX_STEPS, ckpt_path=str(old))
+    _assert_resume_exact(_reference(tmp_path_factory, "bf16-true", "ascending"), resumed, 4)
