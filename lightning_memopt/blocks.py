@@ -133,11 +133,12 @@ def find_embedding_params(module: nn.Module, exclude: Sequence[str] = ()) -> lis
     return names
 
 
-def find_lm_head_params(module: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+def find_lm_head_params(module: nn.Module, exclude: Sequence[str] = (), tied: bool = False) -> list[str]:
     """Names of the parameters of the output projection (the language-model head).
 
     Hugging Face models report it through ``get_output_embeddings()``; otherwise a ``Linear`` named ``lm_head`` or one
-    that projects onto the vocabulary of the model's largest ``nn.Embedding`` counts.
+    that projects onto the vocabulary of the model's largest ``nn.Embedding`` counts. A weight shared with an
+    embedding (a tied head) is the embedding's and left out, unless ``tied=True``.
     """
     by_id = {id(m): path for path, m in module.named_modules()}
     heads: list[str] = []
@@ -167,7 +168,7 @@ def find_lm_head_params(module: nn.Module, exclude: Sequence[str] = ()) -> list[
     names: list[str] = []
     for path in dict.fromkeys(heads):
         for p in module.get_submodule(path).parameters():
-            if id(p) in name_of and id(p) not in embedding_ids:
+            if id(p) in name_of and (tied or id(p) not in embedding_ids):
                 names.append(name_of[id(p)])
     return list(dict.fromkeys(names))
 
@@ -212,8 +213,10 @@ def partition(
         block_regexes: explicit blocks as regular expressions searched in each parameter name, one per block.
             Prefixes and regexes may be combined; prefix blocks come first.
         include_embedding: with the automatic partition, add the token/position embeddings as the first block.
-        include_lm_head: with the automatic partition, add the output head as the last block (a head tied to the
-            embedding has no parameter of its own and adds nothing).
+        include_lm_head: with the automatic partition, add the output head and everything else outside the layers
+            and the embeddings (the final norm, GPT-2's ``ln_f``) as the last block, as the official BlockOptimizer
+            does. A head tied to the embedding trains through its shared weight, which joins this block unless
+            ``include_embedding`` made the embedding a block already.
         trainable_only: ignore parameters with ``requires_grad=False`` (frozen by the user).
         granularity: how finely the automatic partition splits: ``"layer"`` (one block per repeated layer),
             ``"module"`` (one block per direct child module of a layer that holds parameters, e.g. ``self_attn``,
@@ -320,12 +323,30 @@ def partition(
                 if members_t:
                     blocks.extend(_split_layer(layer, layer_module, members_t, granularity))
         if include_lm_head:
-            taken = {n for b in blocks for n in b.param_names}
-            head = [n for n in find_lm_head_params(module, exclude=layer_lists) if n in names and n not in taken]
+            head = _head_block_params(module, names, blocks, layer_lists)
             if head:
                 blocks.extend(_split_whole("lm_head", tuple(head), granularity))
     _check_disjoint(blocks)
     return blocks
+
+
+def _head_block_params(
+    module: nn.Module, names: Sequence[str], blocks: Sequence[Block], layer_lists: Sequence[str]
+) -> list[str]:
+    """The head block: the output head and everything else outside the layers and the embeddings (the final norm,
+    GPT-2's ``ln_f``, BERT's prediction transform), as the official BlockOptimizer's head block. A head tied to the
+    embedding shares its weight: that weight joins the head block unless the embedding is a block already, so the head
+    the user asked to train is trained either way."""
+    taken = {n for b in blocks for n in b.param_names}
+    embedding = set(find_embedding_params(module, exclude=layer_lists))
+    head = [n for n in find_lm_head_params(module, exclude=layer_lists, tied=True) if n in names and n not in taken]
+    rest = [
+        n for n in names
+        if n not in taken and n not in embedding and not any(matches_prefix(n, layers) for layers in layer_lists)
+    ]  # fmt: skip
+    head_set = set(head) | set(rest)
+    # in the model's own order, each once
+    return [n for n in names if n in head_set]
 
 
 def _split_whole(name: str, members: tuple[str, ...], granularity: str) -> list[Block]:

@@ -504,3 +504,33 @@ def test_checkpoint_of_another_model_is_refused_with_the_fix(tmp_path):
     other = L.Trainer(strategy="badam", precision="bf16-true", max_steps=2, **trainer_kwargs(tmp_path))
     with pytest.raises(MisconfigurationException, match=r"another model or configuration.*without ckpt_path"):
         other.fit(LlamaModule(num_layers=3), ckpt_path=path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_block_trains_the_final_norm_and_a_tied_head(tmp_path, tied):
+    # include_lm_head=True: the head block holds the final norm and the head; a tied head through the shared weight
+    # (the embedding is no block of its own here). It is the last block, so "descending" trains it first.
+    def module():
+        torch.manual_seed(0)
+        return LlamaModule(num_layers=2, lr=1e-2, weight_decay=0.1, tie_word_embeddings=tied)
+
+    head = ["model.model.norm.weight", "model.model.embed_tokens.weight" if tied else "model.lm_head.weight"]
+    start = weights(module())
+    badam, trainer, _ = _record_run(
+        tmp_path, BAdamStrategy(include_lm_head=True), steps=2, module=module(),
+        callbacks=[BlockSwitch(every=2, order="descending")],
+    )  # fmt: skip
+    assert trainer.strategy.blocks[-1].name == "lm_head"
+    assert sorted(trainer.strategy.blocks[-1].param_names) == sorted(head)
+    # the reference: plain AdamW on exactly those parameters, everything else frozen
+    reference_module = module()
+    for n, p in reference_module.named_parameters():
+        p.requires_grad_(n in head)
+    reference, _, _ = _record_run(tmp_path, "auto", steps=2, module=reference_module)
+    for ref_step, badam_step in zip(reference, badam, strict=True):
+        for n in ref_step:
+            assert torch.equal(ref_step[n], badam_step[n]), n
+    for n in start:
+        moved = (badam[-1][n] - start[n]).abs().max().item()
+        # two AdamW steps at lr 1e-2 move every trained element by about 2e-2; nothing else moves at all
+        assert (moved > 1e-2) if n in head else (moved == 0.0), (n, moved)

@@ -58,7 +58,8 @@ class Arch:
     layers: tuple[str, ...]
     outside: frozenset[str]  # parameters that belong to no layer: embeddings, final norms, head
     embedding: tuple[str, ...]
-    lm_head: tuple[str, ...]  # empty when the head is tied to the embedding
+    lm_head: tuple[str, ...]  # the head block (include_lm_head=True): the head, the final norm, a tied weight
+    lm_head_with_embedding: tuple[str, ...]  # the head block when the embedding is a block too
 
 
 ARCHS = {
@@ -68,7 +69,8 @@ ARCHS = {
         layers=("model.layers.0", "model.layers.1", "model.layers.2"),
         outside=frozenset({"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}),
         embedding=("model.embed_tokens.weight",),
-        lm_head=("lm_head.weight",),
+        lm_head=("model.norm.weight", "lm_head.weight"),
+        lm_head_with_embedding=("model.norm.weight", "lm_head.weight"),
     ),
     "llama_tied": Arch(
         build=lambda: tiny_llama(num_layers=3, tie_word_embeddings=True),
@@ -76,7 +78,9 @@ ARCHS = {
         layers=("model.layers.0", "model.layers.1", "model.layers.2"),
         outside=frozenset({"model.embed_tokens.weight", "model.norm.weight"}),
         embedding=("model.embed_tokens.weight",),
-        lm_head=(),
+        # tied: the head trains through the embedding's weight unless the embedding is a block already
+        lm_head=("model.embed_tokens.weight", "model.norm.weight"),
+        lm_head_with_embedding=("model.norm.weight",),
     ),
     "gpt2": Arch(
         build=tiny_gpt2,
@@ -86,7 +90,8 @@ ARCHS = {
             {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"}
         ),
         embedding=("transformer.wte.weight", "transformer.wpe.weight"),
-        lm_head=(),
+        lm_head=("transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"),
+        lm_head_with_embedding=("transformer.ln_f.weight", "transformer.ln_f.bias"),
     ),
     "bert": Arch(
         build=tiny_bert,
@@ -112,8 +117,27 @@ ARCHS = {
             "bert.embeddings.token_type_embeddings.weight",
         ),
         # the MLM decoder's weight is tied to word_embeddings, but its output bias is its own parameter; it is shared
-        # with (and therefore named after) ``cls.predictions.bias``
-        lm_head=("cls.predictions.bias",),
+        # with (and therefore named after) ``cls.predictions.bias``. The head block is "the head and everything else":
+        # the prediction transform and the embeddings' LayerNorm (not an nn.Embedding) too.
+        lm_head=(
+            "bert.embeddings.word_embeddings.weight",
+            "bert.embeddings.LayerNorm.weight",
+            "bert.embeddings.LayerNorm.bias",
+            "cls.predictions.bias",
+            "cls.predictions.transform.dense.weight",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight",
+            "cls.predictions.transform.LayerNorm.bias",
+        ),
+        lm_head_with_embedding=(
+            "bert.embeddings.LayerNorm.weight",
+            "bert.embeddings.LayerNorm.bias",
+            "cls.predictions.bias",
+            "cls.predictions.transform.dense.weight",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight",
+            "cls.predictions.transform.LayerNorm.bias",
+        ),
     ),
     "demo_transformer": Arch(
         build=tiny_demo_transformer,
@@ -136,7 +160,22 @@ ARCHS = {
             }
         ),
         embedding=("embedding.weight",),
-        lm_head=("decoder.weight", "decoder.bias"),
+        lm_head=(
+            "transformer.encoder.norm.weight",
+            "transformer.encoder.norm.bias",
+            "transformer.decoder.norm.weight",
+            "transformer.decoder.norm.bias",
+            "decoder.weight",
+            "decoder.bias",
+        ),
+        lm_head_with_embedding=(
+            "transformer.encoder.norm.weight",
+            "transformer.encoder.norm.bias",
+            "transformer.decoder.norm.weight",
+            "transformer.decoder.norm.bias",
+            "decoder.weight",
+            "decoder.bias",
+        ),
     ),
 }
 
@@ -187,25 +226,33 @@ def test_include_embedding_adds_first_block(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_include_lm_head_adds_last_block_unless_tied(arch: str) -> None:
+def test_include_lm_head_adds_the_head_and_the_final_norm_as_last_block(arch: str) -> None:
+    # tied heads too (GPT-2, Llama tied, BERT's decoder): the head block is never missing nor frozen
     spec = ARCHS[arch]
     model = spec.build()
     blocks = partition(model, include_lm_head=True)
-    if spec.lm_head:
-        assert blocks[-1] == Block("lm_head", spec.lm_head)
-        assert blocks[:-1] == partition(model)
-    else:
-        assert blocks == partition(model)
+    assert blocks[-1] == Block("lm_head", spec.lm_head)
+    assert blocks[:-1] == partition(model)
+    # with the embedding as the first block, a tied weight stays there (one block per parameter)
+    both = partition(model, include_embedding=True, include_lm_head=True)
+    assert both[0] == Block("embedding", spec.embedding) and both[-1] == Block("lm_head", spec.lm_head_with_embedding)
+    assert both[1:-1] == partition(model)
+    # every parameter outside the layers and the nn.Embedding modules is in the head block
+    in_layers = {n for b in partition(model) for n in b.param_names}
+    assert set(spec.outside) - set(spec.embedding) <= set(spec.lm_head) <= set(spec.outside) - in_layers
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama_tied"])
-def test_tied_head_is_not_a_parameter_of_its_own(arch: str) -> None:
-    # the premise of "a tied head adds nothing": named_parameters() reports the shared weight once, as the embedding
+def test_tied_head_weight_is_in_exactly_one_block(arch: str) -> None:
+    # named_parameters() reports the shared weight once, as the embedding's: it is in the embedding block when there
+    # is one, else in the head block
     model = ARCHS[arch].build()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    blocks = partition(model, include_embedding=True, include_lm_head=True)
-    assert blocks[0] == Block("embedding", ARCHS[arch].embedding)
-    assert "lm_head" not in [b.name for b in blocks]
+    tied = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+    head_only = partition(model, include_lm_head=True)
+    assert tied in head_only[-1].param_names
+    both = partition(model, include_embedding=True, include_lm_head=True)
+    assert tied in both[0].param_names and tied not in both[-1].param_names
 
 
 def test_embedding_and_lm_head_blocks_wrap_the_layers_inside_lightning_module() -> None:
@@ -214,9 +261,8 @@ def test_embedding_and_lm_head_blocks_wrap_the_layers_inside_lightning_module() 
     names = ["embedding", "model.model.layers.0", "model.model.layers.1", "model.model.layers.2", "lm_head"]
     assert [b.name for b in blocks] == names
     assert blocks[0].param_names == ("model.model.embed_tokens.weight",)
-    assert blocks[-1].param_names == ("model.lm_head.weight",)
-    # the final norm stays frozen unless named explicitly
-    assert "model.model.norm.weight" not in {n for b in blocks for n in b.param_names}
+    # the head block holds the final norm with the head, as the official BlockOptimizer's
+    assert blocks[-1].param_names == ("model.model.norm.weight", "model.lm_head.weight")
 
 
 @pytest.fixture(scope="module")

@@ -261,9 +261,12 @@ def test_checkpoint_contents(tmp_path_factory, setup):
     assert badam["block_names"] == [f"model.model.layers.{i}" for i in range(cfg.num_layers)]
     assert badam["active_block"] == 1  # steps 3..5 train block 1 (ascending, every=3)
     active = [n for n in state_dict if n.startswith("model.model.layers.1.")]
-    # Adam state of the active block only, one step into it
-    assert [g["params"] for g in opt_state["param_groups"]] == [list(range(len(active)))]
-    assert len(opt_state["state"]) == len(active)
+    # the param groups list every configured parameter, as a plain optimizer's do; Adam state of the active block
+    # only, one step into it, under the active parameters' positions
+    names = list(state_dict)
+    assert [g["params"] for g in opt_state["param_groups"]] == [list(range(len(names)))]
+    assert sorted(opt_state["state"]) == [names.index(n) for n in active]
+    assert badam["optimizer_groups"] == "full"
     assert all(float(s["step"]) == 1 and s["exp_avg"].dtype == torch.float32 for s in opt_state["state"].values())
     if cfg.half is torch.float32:
         assert badam["masters"] == {}  # FP32 weights are their own masters
@@ -319,3 +322,51 @@ def test_resume_with_other_schedule_raises(tmp_path_factory, tmp_path, every, or
     message = str(err.value)
     assert f"every={EVERY}" in message and "'ascending'" in message, message  # what the checkpoint was made with
     assert f"every={every}" in message and "same schedule" in message, message
+
+
+# ------------------------------------------------------------------------------------------- plain-strategy resume
+def test_a_badam_checkpoint_resumes_with_a_plain_strategy(tmp_path_factory, tmp_path):
+    # continue a BAdam run with full AdamW: the saved groups list every parameter, so the plain optimizer loads the
+    # active block's Adam state and starts the others fresh
+    path = _checkpoint(tmp_path_factory, "bf16-true", "ascending", 4)
+    saved = torch.load(path, weights_only=True)
+    names = list(saved["state_dict"])
+    active = [n for n in names if n.startswith("model.model.layers.1.")]
+    loaded: dict[str, Any] = {}
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            by_param = {p: n for n, p in pl_module.named_parameters()}
+            loaded.update({by_param[p]: _clone(s) for p, s in optimizer.state.items() if s})
+            loaded["__weights"] = weights(pl_module)
+
+    module = SeqLlamaModule(n=N_SAMPLES, batch_size=BATCH, num_layers=3, hidden=16, seq=16)
+    trainer = pl.Trainer(precision="bf16-mixed", callbacks=[AtStart()], max_steps=6, **trainer_kwargs(tmp_path))
+    trainer.fit(module, ckpt_path=path)
+    assert trainer.global_step == 6
+    weights_at_start = loaded.pop("__weights")
+    assert sorted(loaded) == sorted(active)  # state for the block BAdam was training, nothing else
+    for name in active:
+        expected = saved["optimizer_states"][0]["state"][names.index(name)]
+        _assert_same(expected, loaded[name], name)
+    for name, value in weights_at_start.items():
+        assert torch.equal(value, saved["state_dict"][name].float()), name  # the checkpoint's (bf16) weights
+    # two full AdamW steps at lr 1e-3 move every parameter, inactive blocks, embedding and head included
+    moved = {n: (p.detach() - weights_at_start[n]).abs().max().item() for n, p in module.named_parameters()}
+    assert min(moved.values()) > 1e-4, min(moved, key=moved.get)
+
+
+def test_a_checkpoint_in_the_older_layout_still_resumes_exactly(tmp_path_factory, tmp_path):
+    # before the groups listed every parameter, they listed the active masters only (numbered 0, 1, ... in group
+    # order) and the BAdam entry had no "optimizer_groups"; such a file must still resume bit-exactly
+    ckpt = torch.load(_checkpoint(tmp_path_factory, "bf16-true", "ascending", 4), weights_only=True)
+    opt_state = ckpt["optimizer_states"][0]
+    active = sorted(opt_state["state"])
+    opt_state["state"] = {i: opt_state["state"][full] for i, full in enumerate(active)}
+    opt_state["param_groups"] = [{**opt_state["param_groups"][0], "params": list(range(len(active)))}]
+    del opt_state["badam"]["optimizer_groups"]
+    old = tmp_path / "old-layout.ckpt"
+    torch.save(ckpt, old)
+    resumed = _fit(tmp_path, "bf16-true", "ascending", MAX_STEPS, ckpt_path=str(old))
+    _assert_resume_exact(_reference(tmp_path_factory, "bf16-true", "ascending"), resumed, 4)

@@ -480,8 +480,58 @@ class BlockCoordinateMixin(Strategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         state: dict[str, Any] = dict(super().optimizer_state(optimizer))
         if self._ready:
-            state[_CKPT_KEY] = self._badam_state()
+            state = self._badam_full_groups(state)
+            state[_CKPT_KEY] = {**self._badam_state(), "optimizer_groups": "full"}
         return state
+
+    def _badam_full_groups(self, compact: Mapping[str, Any]) -> dict[str, Any]:
+        """The optimizer's state dict with every param group listing every parameter it was configured with (state for
+        the active ones), as a plain optimizer over the whole module saves it: a plain strategy can resume from it
+        (continue with full AdamW) and BAdam maps it back to the active masters on load."""
+        full_index = {n: i for i, n in enumerate(n for members in self._group_members for n in members)}
+        active = [n for members in self._group_members for n in members if n in self._masters]
+        groups = [
+            {**group, "params": [full_index[n] for n in members]}
+            for group, members in zip(compact["param_groups"], self._group_members, strict=True)
+        ]
+        # torch numbers the parameters of the re-pointed groups (the active masters) 0, 1, ... in group order
+        state = {full_index[active[i]]: value for i, value in compact["state"].items()}
+        return {**compact, "state": state, "param_groups": groups}
+
+    def _badam_compact_groups(self, full: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`_badam_full_groups`, once the saved block is active again."""
+        saved_groups = full["param_groups"]
+        if len(saved_groups) != len(self._group_members) or any(
+            len(g["params"]) != len(m) for g, m in zip(saved_groups, self._group_members, strict=True)
+        ):
+            raise MisconfigurationException(
+                "The checkpoint's optimizer has other param groups than configure_optimizers returns now (sizes "
+                f"{[len(g['params']) for g in saved_groups]} in the checkpoint, "
+                f"{[len(m) for m in self._group_members]} now). Resume with the optimizer the checkpoint was written "
+                "with, or start a new run from its weights only."
+            )
+        name_of = {
+            saved: name
+            for group, members in zip(saved_groups, self._group_members, strict=True)
+            for saved, name in zip(group["params"], members, strict=True)
+        }
+        active = [n for members in self._group_members for n in members if n in self._masters]
+        compact_index = {n: i for i, n in enumerate(active)}
+        groups, start = [], 0
+        for group, members in zip(saved_groups, self._group_members, strict=True):
+            count = sum(n in self._masters for n in members)
+            groups.append({**group, "params": list(range(start, start + count))})
+            start += count
+        state = {}
+        for saved, value in full["state"].items():
+            name = name_of[saved]
+            if name not in compact_index:
+                raise MisconfigurationException(
+                    f"The checkpoint holds optimizer state for {name!r}, which is not in the active block(s) "
+                    f"{[self._blocks[i].name for i in self._active_set]!r}: it was written by another run."
+                )
+            state[compact_index[name]] = value
+        return {**full, "state": state, "param_groups": groups}
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -493,7 +543,10 @@ class BlockCoordinateMixin(Strategy):
                 "(model.load_state_dict(torch.load(path)['state_dict'])) and call trainer.fit without ckpt_path."
             )
         first = dict(states[0])
-        self._badam_load_state(first.pop(_CKPT_KEY))
+        badam = first.pop(_CKPT_KEY)
+        self._badam_load_state(badam)
+        if badam.get("optimizer_groups") == "full":  # older checkpoints saved the active masters' groups only
+            first = self._badam_compact_groups(first)
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": [first, *states[1:]]})
 
     @override
@@ -612,7 +665,8 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             ``None`` finds the repeated layers and makes one block per layer.
         block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block.
         include_embedding: with automatic blocks, also train the embeddings as a block of their own.
-        include_lm_head: with automatic blocks, also train the output head as a block of its own.
+        include_lm_head: with automatic blocks, also train the output head and the final norm (a tied head through
+            its shared weight) as a last block.
         granularity: with automatic blocks, ``"layer"`` (one block per repeated layer), ``"module"`` (per attention,
             MLP, norm of each layer) or ``"matrix"`` (per parameter tensor); see
             :func:`lightning_memopt.blocks.partition`. Finer blocks pair with ``BlockSwitch(order="importance",

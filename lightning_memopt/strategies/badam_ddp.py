@@ -45,7 +45,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         block_prefixes: explicit blocks, one entry per block (see :func:`lightning_memopt.blocks.partition`).
         block_regexes: explicit blocks as regular expressions.
         include_embedding: with automatic blocks, also train the embeddings as a block.
-        include_lm_head: with automatic blocks, also train the output head as a block.
+        include_lm_head: with automatic blocks, also train the output head and the final norm as a last block.
         granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
             :class:`~lightning_memopt.BAdamStrategy`).
         keep_optimizer_state: keep each block's optimizer state across switches.

@@ -50,7 +50,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         block_prefixes: explicit blocks (see :func:`lightning_memopt.blocks.partition`).
         block_regexes: explicit blocks as regular expressions.
         include_embedding: with automatic blocks, also train the embeddings as a block.
-        include_lm_head: with automatic blocks, also train the output head as a block.
+        include_lm_head: with automatic blocks, also train the output head and the final norm as a last block.
         granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
             :class:`~lightning_memopt.BAdamStrategy`). The FSDP units stay whole layers whatever the granularity: a
             finer block is a part of its layer's unit (FSDP2 reduce-scatters the gradients of just that part).
