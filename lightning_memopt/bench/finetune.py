@@ -84,8 +84,8 @@ FT_METHODS: dict[str, FtMethod] = {
         FtMethod("adamw8bit", "AdamW8bit (bf16-mixed)", "full", "bf16-mixed", "adamw8bit", lr=3.33e-4),
         FtMethod("lora-r8", "LoRA r=8, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=8),
         FtMethod("lora-r64", "LoRA r=64, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=64),
-        FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=2e-3),
-        FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=2e-3),
+        FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=6.66e-4),
+        FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=6.66e-4),
         FtMethod("block-sgd", "Block SGD (bf16-true)", "badam", "bf16-true", "sgd", lr=0.15),
         FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=6.66e-4, order="importance"),
         FtMethod(
