@@ -110,7 +110,7 @@ FT_METHODS: dict[str, FtMethod] = {
             "BAdam, optimizer state kept across switches",
             "badam",
             "bf16-true",
-            lr=2e-3,
+            lr=6.66e-4,
             strategy={"keep_optimizer_state": True},
         ),
         FtMethod(
@@ -122,10 +122,10 @@ FT_METHODS: dict[str, FtMethod] = {
             strategy={"granularity": "module"},
         ),
         FtMethod(
-            "badam-2layer", "BAdam, blocks of 2 layers", "badam", "bf16-true", lr=2e-3, every=6, layers_per_block=2
+            "badam-2layer", "BAdam, blocks of 2 layers", "badam", "bf16-true", lr=6.66e-4, every=6, layers_per_block=2
         ),
         FtMethod(
-            "badam-4layer", "BAdam, blocks of 4 layers", "badam", "bf16-true", lr=2e-3, every=12, layers_per_block=4
+            "badam-4layer", "BAdam, blocks of 4 layers", "badam", "bf16-true", lr=6.66e-4, every=12, layers_per_block=4
         ),
     )
 }
@@ -133,7 +133,7 @@ FT_METHODS: dict[str, FtMethod] = {
 
 DEFAULT_FT_METHODS: tuple[str, ...] = (
     "adamw-mixed", "adamw-bf16", "adamw8bit", "lora-r8", "lora-r64", "badam", "badam-8bit", "block-sgd",
-    "badam-importance", "badam-statefree",
+    "badam-importance", "badam-statefree", "badam-4layer",
 )  # fmt: skip
 """The benchmark's rows (``--methods`` default); the other entries of :data:`FT_METHODS` are the gap study's."""
 
