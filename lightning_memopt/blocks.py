@@ -203,6 +203,7 @@ def partition(
     include_lm_head: bool = False,
     trainable_only: bool = True,
     granularity: Granularity = "layer",
+    layers_per_block: int = 1,
 ) -> list[Block]:
     """Split ``module``'s parameters into BAdam blocks.
 
@@ -224,6 +225,11 @@ def partition(
             the layer) or ``"matrix"`` (one block per parameter tensor, embedding and head included). Finer blocks
             need a smaller set of FP32 masters and optimizer state at a time (see ``BlockSwitch(budget=...)``).
             Only for the automatic partition: explicit prefixes/regexes already say what a block is.
+        layers_per_block: with the automatic partition at ``"layer"`` granularity, blocks of this many consecutive
+            layers (the last block of a layer list may hold fewer), named ``"layers.0 + layers.1 + ..."``. More of the
+            model trains at each step, for proportionally more FP32 masters, gradients and optimizer state; on small
+            models and short schedules it closes much of BAdam's gap to full AdamW (``docs/benchmarks.md``,
+            "Fine-tuning").
 
     Returns:
         The blocks, in training order for ``order="ascending"``.
@@ -242,10 +248,19 @@ def partition(
         ('layers.1.weight', 'layers.1.bias')
         >>> len(partition(net, granularity="matrix"))
         22
+        >>> [b.name for b in partition(net, layers_per_block=4)][-1]
+        'layers.8 + layers.9 + layers.10'
     """
     if granularity not in GRANULARITIES:
         raise BlockPartitionError(
             f"granularity={granularity!r} is not known; choose one of {', '.join(map(repr, GRANULARITIES))}."
+        )
+    _check_layers_per_block(layers_per_block)
+    if layers_per_block > 1 and (block_prefixes is not None or block_regexes is not None or granularity != "layer"):
+        raise BlockPartitionError(
+            f"layers_per_block={layers_per_block} groups the automatic one-block-per-layer partition; it cannot be "
+            "combined with block_prefixes / block_regexes (list the layers of each block there instead) or with "
+            f"granularity={granularity!r} (use granularity='layer')."
         )
     names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
     if not names:
@@ -317,17 +332,33 @@ def partition(
                 blocks.extend(_split_whole("embedding", tuple(emb), granularity))
         for path in layer_lists:
             container = module.get_submodule(path)
+            in_list: list[Block] = []
             for child_name, layer_module in container.named_children():
                 layer = _join(path, child_name)
                 members_t = tuple(n for n in names if matches_prefix(n, layer))
                 if members_t:
-                    blocks.extend(_split_layer(layer, layer_module, members_t, granularity))
+                    in_list.extend(_split_layer(layer, layer_module, members_t, granularity))
+            blocks.extend(_group_layers(in_list, layers_per_block))
         if include_lm_head:
             head = _head_block_params(module, names, blocks, layer_lists)
             if head:
                 blocks.extend(_split_whole("lm_head", tuple(head), granularity))
     _check_disjoint(blocks)
     return blocks
+
+
+def _check_layers_per_block(layers_per_block: object) -> None:
+    """Raise a clear error unless ``layers_per_block`` is an int >= 1."""
+    if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < 1:
+        raise BlockPartitionError(f"layers_per_block must be an int >= 1 but is: {layers_per_block!r}")
+
+
+def _group_layers(layers: Sequence[Block], size: int) -> list[Block]:
+    """Consecutive layer blocks merged ``size`` at a time (one layer list's; the last group may be smaller)."""
+    if size == 1:
+        return list(layers)
+    groups = [layers[i : i + size] for i in range(0, len(layers), size)]
+    return [Block(" + ".join(b.name for b in g), tuple(n for b in g for n in b.param_names)) for g in groups]
 
 
 def _head_block_params(

@@ -534,3 +534,31 @@ def test_head_block_trains_the_final_norm_and_a_tied_head(tmp_path, tied):
         moved = (badam[-1][n] - start[n]).abs().max().item()
         # two AdamW steps at lr 1e-2 move every trained element by about 2e-2; nothing else moves at all
         assert (moved > 1e-2) if n in head else (moved == 0.0), (n, moved)
+
+
+def test_layers_per_block_trains_groups_of_layers_like_the_same_explicit_blocks(tmp_path):
+    def module():
+        torch.manual_seed(0)
+        return LlamaModule(num_layers=4, lr=1e-2)
+
+    start = weights(module())
+    grouped, trainer, _ = _record_run(
+        tmp_path, BAdamStrategy(layers_per_block=2), steps=4, module=module(),
+        callbacks=[BlockSwitch(every=2, order="ascending")],
+    )  # fmt: skip
+    layers = [f"model.model.layers.{i}" for i in range(4)]
+    assert [b.name for b in trainer.strategy.blocks] == [f"{layers[0]} + {layers[1]}", f"{layers[2]} + {layers[3]}"]
+    explicit, _, _ = _record_run(
+        tmp_path, BAdamStrategy(block_prefixes=[layers[:2], layers[2:]]), steps=4, module=module(),
+        callbacks=[BlockSwitch(every=2, order="ascending")],
+    )  # fmt: skip
+    for a, b in zip(grouped, explicit, strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+    def moved(step: int, prefix: str) -> float:
+        return max((grouped[step][n] - start[n]).abs().max().item() for n in start if n.startswith(prefix + "."))
+
+    # steps 0-1 train layers 0 and 1 together (two AdamW steps at lr 1e-2: ~2e-2 each), steps 2-3 layers 2 and 3
+    assert moved(1, layers[0]) > 1e-2 and moved(1, layers[1]) > 1e-2
+    assert moved(1, layers[2]) == moved(1, layers[3]) == 0.0
+    assert moved(3, layers[2]) > 1e-2 and moved(3, layers[3]) > 1e-2

@@ -531,3 +531,52 @@ def test_partition_leaves_the_model_untouched() -> None:
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n][0])
         assert p.requires_grad == before[n][1]
+
+
+# ------------------------------------------------------------------------------------------------ layers_per_block
+def test_layers_per_block_groups_consecutive_layers_within_each_layer_list() -> None:
+    model = tiny_llama(num_layers=5, hidden=16, intermediate_size=16)
+    single = partition(model)
+    blocks = partition(model, layers_per_block=2, include_embedding=True, include_lm_head=True)
+    assert [b.name for b in blocks] == [
+        "embedding", "model.layers.0 + model.layers.1", "model.layers.2 + model.layers.3", "model.layers.4", "lm_head",
+    ]  # fmt: skip
+    # the same parameters, in the same order, as the one-layer blocks they merge
+    assert blocks[1].param_names == single[0].param_names + single[1].param_names
+    assert [n for b in blocks[1:-1] for n in b.param_names] == [n for b in single for n in b.param_names]
+    # the blocks a user would spell out with block_prefixes are the same blocks
+    prefixes = [["model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3"], ["model.layers.4"]]
+    explicit = partition(model, block_prefixes=prefixes)
+    assert [b.param_names for b in explicit] == [b.param_names for b in blocks[1:-1]]
+    # an encoder-decoder: groups never straddle two layer lists
+    demo = partition(tiny_demo_transformer(), layers_per_block=4)
+    assert [b.name for b in demo] == [
+        "transformer.encoder.layers.0 + transformer.encoder.layers.1",
+        "transformer.decoder.layers.0 + transformer.decoder.layers.1",
+    ]
+    assert partition(model, layers_per_block=1) == single
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"block_prefixes": ["model.layers.0"]}, "block_prefixes / block_regexes"),
+        ({"block_regexes": [r"layers\.0\."]}, "block_prefixes / block_regexes"),
+        ({"granularity": "module"}, "granularity='module'"),
+    ],
+)
+def test_layers_per_block_refuses_what_it_cannot_group(kwargs: dict, match: str) -> None:
+    model = tiny_llama(num_layers=2, hidden=16, intermediate_size=16)
+    with pytest.raises(BlockPartitionError, match=match):
+        partition(model, layers_per_block=2, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_layers_per_block_must_be_a_positive_int(bad: object) -> None:
+    from lightning_memopt import BAdamStrategy
+
+    model = tiny_llama(num_layers=2, hidden=16, intermediate_size=16)
+    with pytest.raises(BlockPartitionError, match="layers_per_block must be an int >= 1"):
+        partition(model, layers_per_block=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layers_per_block must be an int >= 1"):
+        BAdamStrategy(layers_per_block=bad)  # type: ignore[arg-type]

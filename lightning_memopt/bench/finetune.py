@@ -57,7 +57,8 @@ class FtMethod:
         every: BAdam's K.
         order: BlockSwitch order.
         rank: LoRA rank (alpha = 2 x rank).
-        layers_per_block: BAdam blocks of this many consecutive decoder layers (1: one layer per block, the paper's).
+        layers_per_block: BAdam blocks of this many consecutive decoder layers (``BAdamStrategy(layers_per_block=)``;
+            1: one layer per block, the paper's).
         strategy: extra BAdamStrategy arguments.
         callbacks: extra callbacks, as ``(class name in lightning_memopt.callbacks, kwargs)``.
     """
@@ -240,15 +241,6 @@ def _add_lora(module: CausalLM, rank: int) -> None:
             param.data = param.data.float()
 
 
-def _layer_groups(module: LightningModule, size: int) -> list[list[str]]:
-    """BAdam blocks of ``size`` consecutive decoder layers, as ``block_prefixes``."""
-    lists = [(name, len(sub)) for name, sub in module.named_modules() if isinstance(sub, torch.nn.ModuleList)]
-    if len(lists) != 1:
-        raise ValueError(f"Expected one list of decoder layers, found {[name for name, _ in lists]}.")
-    ((name, count),) = lists
-    return [[f"{name}.{i}" for i in range(start, min(start + size, count))] for start in range(0, count, size)]
-
-
 def run_finetune_row(
     method: FtMethod, config: FinetuneConfig, base_dir: str, task_dir: str, out: Path, cache_dir: str
 ) -> dict[str, Any]:
@@ -302,7 +294,7 @@ def run_finetune_row(
     cbs: list[Callback] = [curve]
     strategy_args = dict(method.strategy)
     if method.layers_per_block > 1:
-        strategy_args["block_prefixes"] = _layer_groups(model, method.layers_per_block)
+        strategy_args["layers_per_block"] = method.layers_per_block
     if method.kind == "badam":
         cbs.append(BlockSwitch(every=method.every, order=method.order, seed=config.seed))  # type: ignore[arg-type]
     for name, kwargs in method.callbacks:

@@ -28,7 +28,14 @@ from torch.optim import LBFGS, Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_memopt.blocks import GRANULARITIES, Block, Granularity, enclosing_layers, partition
+from lightning_memopt.blocks import (
+    GRANULARITIES,
+    Block,
+    Granularity,
+    _check_layers_per_block,
+    enclosing_layers,
+    partition,
+)
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
@@ -61,12 +68,15 @@ class BlockCoordinateMixin(Strategy):
         active_input_requires_grad: bool | None,
         max_nonfinite_steps: int,
         granularity: Granularity = "layer",
+        layers_per_block: int = 1,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity={granularity!r} is not known; choose one of {', '.join(map(repr, GRANULARITIES))}."
             )
         self.granularity: Granularity = granularity
+        _check_layers_per_block(layers_per_block)
+        self.layers_per_block = layers_per_block
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be an int >= 1 but is: {max_nonfinite_steps!r}")
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -235,6 +245,7 @@ class BlockCoordinateMixin(Strategy):
             include_embedding=self.include_embedding,
             include_lm_head=self.include_lm_head,
             granularity=self.granularity,
+            layers_per_block=self.layers_per_block,
         )
         self._params = dict(module.named_parameters())
         self._original_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
@@ -582,8 +593,8 @@ class BlockCoordinateMixin(Strategy):
                 )
             raise MisconfigurationException(
                 f"The checkpoint was written with another BAdam block layout ({difference}). Resume with the same "
-                "block_prefixes / block_regexes / include_embedding / include_lm_head / granularity, or start a new "
-                "run from the checkpoint's weights only."
+                "block_prefixes / block_regexes / include_embedding / include_lm_head / granularity / "
+                "layers_per_block, or start a new run from the checkpoint's weights only."
             )
         active = state.get("active_block")
         active_set = tuple(int(i) for i in state.get("active_blocks", [] if active is None else [active]))
@@ -671,6 +682,9 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             MLP, norm of each layer) or ``"matrix"`` (per parameter tensor); see
             :func:`lightning_memopt.blocks.partition`. Finer blocks pair with ``BlockSwitch(order="importance",
             budget=...)``, which activates several at a time.
+        layers_per_block: with automatic blocks, blocks of this many consecutive layers (see
+            :func:`lightning_memopt.blocks.partition`): more of the model trains per step, for proportionally more
+            FP32 state.
         keep_optimizer_state: keep each block's optimizer state across switches (costs its memory for every visited
             block; the paper resets it).
         active_input_requires_grad: make the active block's input require grad, which reentrant gradient checkpointing
@@ -701,6 +715,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         include_embedding: bool = False,
         include_lm_head: bool = False,
         granularity: Granularity = "layer",
+        layers_per_block: int = 1,
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
         max_nonfinite_steps: int = 5,
@@ -725,6 +740,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             active_input_requires_grad,
             max_nonfinite_steps,
             granularity=granularity,
+            layers_per_block=layers_per_block,
         )
 
     @override

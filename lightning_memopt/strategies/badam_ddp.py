@@ -48,6 +48,8 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         include_lm_head: with automatic blocks, also train the output head and the final norm as a last block.
         granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
             :class:`~lightning_memopt.BAdamStrategy`).
+        layers_per_block: with automatic blocks, blocks of this many consecutive layers (see
+            :class:`~lightning_memopt.BAdamStrategy`).
         keep_optimizer_state: keep each block's optimizer state across switches.
         active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
         max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`; the decision is the same on every rank,
@@ -79,6 +81,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         include_embedding: bool = False,
         include_lm_head: bool = False,
         granularity: Granularity = "layer",
+        layers_per_block: int = 1,
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
         max_nonfinite_steps: int = 5,
@@ -114,6 +117,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             active_input_requires_grad,
             max_nonfinite_steps,
             granularity=granularity,
+            layers_per_block=layers_per_block,
         )
 
     @override

@@ -54,6 +54,8 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
             :class:`~lightning_memopt.BAdamStrategy`). The FSDP units stay whole layers whatever the granularity: a
             finer block is a part of its layer's unit (FSDP2 reduce-scatters the gradients of just that part).
+        layers_per_block: with automatic blocks, blocks of this many consecutive layers (see
+            :class:`~lightning_memopt.BAdamStrategy`).
         keep_optimizer_state: keep each block's optimizer state across switches.
         active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
         max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`.
@@ -81,6 +83,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         include_embedding: bool = False,
         include_lm_head: bool = False,
         granularity: Granularity = "layer",
+        layers_per_block: int = 1,
         keep_optimizer_state: bool = False,
         active_input_requires_grad: bool | None = None,
         max_nonfinite_steps: int = 5,
@@ -116,6 +119,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             active_input_requires_grad,
             max_nonfinite_steps,
             granularity=granularity,
+            layers_per_block=layers_per_block,
         )
 
     @override
@@ -144,6 +148,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             include_embedding=self.include_embedding,
             include_lm_head=self.include_lm_head,
             granularity=self.granularity,
+            layers_per_block=self.layers_per_block,
         )
         units: list[nn.Module] = []
         for block in blocks:
