@@ -355,16 +355,21 @@ def _plots(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
     from lightning_memopt.bench.plots import _pyplot, _save
 
     plt = _pyplot()
+    # more rows than the default colour cycle has colours: 20 distinct ones, and a line style per kind of method
+    palette = plt.get_cmap("tab20").colors
+    colours = [palette[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    styles = {"full": "-", "lora": "--", "badam": "-."}
     for axis, name, label in (("step", "finetune_loss_steps.png", "optimizer steps"),
                               ("seconds", "finetune_loss_time.png", "training time (s)")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for row in rows:
+        for i, row in enumerate(rows):
             curves = [seed["curve"] for seed in row["per_seed"]]
             if axis == "seconds":
                 curves = [seed.get("equal_time_curve") or seed["curve"] for seed in row["per_seed"]]
             xs = [statistics.fmean(p[axis] for p in points) for points in zip(*curves, strict=False)]
             ys = [statistics.fmean(p["loss"] for p in points) for points in zip(*curves, strict=False)]
-            ax.plot(xs, ys, marker="o", markersize=3, label=row["label"])
+            ax.plot(xs, ys, marker="o", markersize=3, label=row["label"], color=colours[i % len(colours)],
+                    linestyle=styles.get(row.get("kind", ""), "-"))  # fmt: skip
         ax.set_xlabel(label)
         ax.set_ylabel("held-out response loss (nats/byte)")
         ax.set_title(f"Fine-tuning: held-out loss vs {label} (mean over seeds)")
