@@ -85,6 +85,11 @@ class Record(Callback):
         self.masters: dict[str, torch.Tensor] = {}
         self.state: dict = {}
         self._step_start = 0
+        self._layer_calls: dict[int, int] = {}
+        self.layer_calls: list[dict[int, int]] = []  # per optimizer step: forward calls of each decoder layer
+
+    def count_layer_call(self, layer: int) -> None:
+        self._layer_calls[layer] = self._layer_calls.get(layer, 0) + 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if (batch_idx % trainer.accumulate_grad_batches) == 0:
@@ -107,6 +112,8 @@ class Record(Callback):
             self.step_bytes.append(_bytes["now"] - self._step_start)
             self.step_calls.append(_bytes["calls"] - self._calls_start)
             self.snapshots.append({n: _full(p.detach()).clone() for n, p in pl_module.named_parameters()})
+            self.layer_calls.append(self._layer_calls)
+            self._layer_calls = {}
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self.scales.append(float(scaler.get_scale()) if scaler is not None else 1.0)
         self.masters = {n: _full(m.detach()).clone() for n, m in trainer.strategy.master_params.items()}
@@ -139,6 +146,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--ckpt-out", default=None)
+    parser.add_argument("--checkpointing", default="none", choices=["none", "reentrant", "non_reentrant"])
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -159,7 +167,14 @@ def main() -> None:
         strategy = BAdamDDPStrategy(bucket_cap_mb=args.bucket_cap_mb)
     else:
         strategy = BAdamStrategy()
+    if args.checkpointing != "none":
+        # what CausalLM(gradient_checkpointing=True) calls
+        kwargs = {"use_reentrant": args.checkpointing == "reentrant"}
+        module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     record = Record()
+    for i, layer in enumerate(module.model.model.layers):
+        # transformers checkpoints the layer's `forward`: a hook inside it sees the recomputation in backward too
+        layer.self_attn.register_forward_pre_hook(lambda *_, i=i: record.count_layer_call(i))
     memory = MemoryReport(every_n_steps=1, count_other=False, filename=None)
     callbacks: list[Callback] = [BlockSwitch(every=args.every, order=args.order, seed=7), record, memory]
     if args.ckpt_out:
@@ -206,6 +221,7 @@ def main() -> None:
             "active_bytes": record.active_bytes,
             "scales": record.scales,
             "snapshots": record.snapshots,
+            "layer_calls": record.layer_calls,
             "masters": record.masters,
             "state": record.state,
             "block_names": [b.name for b in trainer.strategy.blocks],

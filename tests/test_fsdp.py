@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import LlamaModule, trainer_kwargs
-from test_ddp import assert_same, launch
+from test_ddp import assert_same, check_checkpointing_across_switches, launch
 
 from lightning_memopt import BAdamFSDPStrategy
 
@@ -87,3 +87,7 @@ def test_fp16_is_refused_with_a_clear_error(tmp_path):
     trainer = L.Trainer(strategy=BAdamFSDPStrategy(), precision="16-true", max_steps=1, **trainer_kwargs(tmp_path))
     with pytest.raises(MisconfigurationException, match="bf16-true"):
         trainer.fit(LlamaModule(num_layers=2))
+
+
+def test_gradient_checkpointing_under_badam_fsdp(tmp_path):
+    check_checkpointing_across_switches(tmp_path, *FSDP)
