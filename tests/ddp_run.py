@@ -79,14 +79,33 @@ class Record(Callback):
         self.active_bytes: list[int] = []
         self.scales: list[float] = []
         self.grad_norms: list[float] = []
+        self.stepped_grad_norms: list[float] = []
         self.local_master_bytes: list[int] = []
         self.local_weight_bytes: list[int] = []
         self.snapshots: list[dict[str, torch.Tensor]] = []
+        self.master_snapshots: list[dict[str, torch.Tensor]] = []
         self.masters: dict[str, torch.Tensor] = {}
         self.state: dict = {}
         self._step_start = 0
         self._layer_calls: dict[int, int] = {}
         self.layer_calls: list[dict[int, int]] = []  # per optimizer step: forward calls of each decoder layer
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step
+
+        def measured_step(closure=None, **kwargs):
+            # Lightning's closure runs forward, backward, unscaling and clipping; what is left when it returns is
+            # what the optimizer steps with
+            def closure_then_measure():
+                loss = closure()
+                grads = [m.grad for m in trainer.strategy.master_params.values() if m.grad is not None]
+                self.stepped_grad_norms.append(float(torch.nn.utils.get_total_norm(grads)))
+                return loss
+
+            return step(closure=closure_then_measure if closure is not None else None, **kwargs)
+
+        optimizer.step = measured_step
 
     def count_layer_call(self, layer: int) -> None:
         self._layer_calls[layer] = self._layer_calls.get(layer, 0) + 1
@@ -113,6 +132,9 @@ class Record(Callback):
             self.step_calls.append(_bytes["calls"] - self._calls_start)
             self.snapshots.append({n: _full(p.detach()).clone() for n, p in pl_module.named_parameters()})
             self.layer_calls.append(self._layer_calls)
+            # FP32 and unrounded: what the step did to the active block, before bf16 rounding of the copy-back
+            masters = trainer.strategy.master_params
+            self.master_snapshots.append({n: _full(m.detach()).clone() for n, m in masters.items()})
             self._layer_calls = {}
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self.scales.append(float(scaler.get_scale()) if scaler is not None else 1.0)
@@ -139,6 +161,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--overflow-rank", type=int, default=-1)
     parser.add_argument("--overflow-step", type=int, default=-1)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
@@ -158,6 +181,7 @@ def main() -> None:
         num_layers=args.layers,
         hidden=args.hidden,
         lr=args.lr,
+        optimizer=args.optimizer,
         n=args.n,
         batch_size=args.batch_size,
     )
@@ -212,6 +236,7 @@ def main() -> None:
             "world_size": trainer.world_size,
             "weights": {n: _full(p.detach()).clone() for n, p in module.named_parameters()},
             "grad_norms": record.grad_norms,
+            "stepped_grad_norms": record.stepped_grad_norms,
             "local_master_bytes": record.local_master_bytes,
             "local_weight_bytes": record.local_weight_bytes,
             "blocks": record.blocks,
@@ -222,6 +247,7 @@ def main() -> None:
             "scales": record.scales,
             "snapshots": record.snapshots,
             "layer_calls": record.layer_calls,
+            "master_snapshots": record.master_snapshots,
             "masters": record.masters,
             "state": record.state,
             "block_names": [b.name for b in trainer.strategy.blocks],

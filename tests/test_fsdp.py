@@ -20,8 +20,8 @@ FSDP = ("--strategy", "badam_fsdp")
     ("precision", "tolerance"),
     [
         ("32-true", 1e-4),
-        # bf16 gradients of a batch of 2 (reduced in FP32) vs of a batch of 4 round differently; Adam normalises
-        # tiny gradients, so single elements can move by a few learning rates
+        # bf16 gradients of a batch of 2 (reduced in FP32) vs of a batch of 4 round differently, and Adam normalises
+        # tiny gradients, so single elements can move by a few learning rates (the next test compares bf16 tightly)
         ("bf16-true", 5e-2),
     ],
 )
@@ -53,12 +53,50 @@ def test_sharded_run_matches_single_device_and_ranks_agree(tmp_path, precision, 
     assert mem["predicted"] == mem["total"]
 
 
+def test_bf16_steps_match_single_device_step_by_step(tmp_path):
+    """Each step's update of the FP32 masters equals single-device BAdam's within bf16 gradient rounding, and the
+    half weights are exactly the masters rounded: a missing update, the wrong block or a wrong copy-back fails."""
+    common = ["--precision", "bf16-true", "--order", "random", "--layers", "4", "--every", "2", "--steps", "6"]
+    # SGD: its update is proportional to the gradient, so the update's error is the gradients' rounding error (~0.4%
+    # per element in bf16), where Adam would blow up the rounding of near-zero gradients to a whole learning rate
+    common += ["--accumulate", "2", "--optimizer", "sgd", "--lr", "0.1"]
+    r0, _ = launch(tmp_path / "fsdp", *FSDP, *common, "--batch-size", "2")
+    (single,) = launch(tmp_path / "single", *common, "--devices", "1", "--batch-size", "4")
+    assert r0["blocks"] == single["blocks"] and len(set(r0["blocks"])) == 3
+    names = single["block_names"]
+    before = {n: w.to(torch.bfloat16) for n, w in LlamaModule(num_layers=4).state_dict().items()}
+    for step, block in enumerate(single["blocks"]):
+        masters, reference = r0["master_snapshots"][step], single["master_snapshots"][step]
+        weights = r0["snapshots"][step]
+        assert masters.keys() == reference.keys() and all(n.startswith(names[block] + ".") for n in masters)
+        # the step moved the block: by 0.02-8% of a matrix's norm here (attention's q/k least, v/o most), ~0.5% of
+        # the whole block's (its norm weights, all ones, hold most of that)
+        moved = sum((reference[n] - before[n].float()).norm() ** 2 for n in masters) ** 0.5
+        assert moved > 1e-3 * sum(before[n].float().norm() ** 2 for n in masters) ** 0.5, (step, moved)
+        for name, master in masters.items():
+            expected = reference[name] - before[name].float()
+            got = master - before[name].float()
+            assert expected.norm() > 0, (step, name)
+            error = ((got - expected).norm() / expected.norm()).item()
+            assert error < 0.03, (step, name, error)  # measured: <= 1.2%; a missing step or wrong block: >= 100%
+            # copied back into the shard it came from: the half weight is the master rounded, element for element
+            assert torch.equal(weights[name], master.to(torch.bfloat16)), (step, name)
+        for name, w in weights.items():
+            if name not in masters:
+                assert torch.equal(w, before[name]), (step, name)  # inactive blocks do not move
+        before = weights
+
+
 def test_clipping_uses_the_global_norm(tmp_path):
     common = ["--precision", "32-true", "--order", "ascending", "--layers", "3", "--every", "2", "--steps", "4"]
     common += ["--clip", "0.05", "--lr", "1e-3"]
-    r0, _ = launch(tmp_path / "fsdp", *FSDP, *common, "--batch-size", "2")
+    r0, r1 = launch(tmp_path / "fsdp", *FSDP, *common, "--batch-size", "2")
     (single,) = launch(tmp_path / "single", *common, "--devices", "1", "--batch-size", "4")
     assert min(single["grad_norms"]) > 0.05  # clipping is active at every step
+    # the gradients the optimizer stepped with, measured after clipping: the global norm over both shards is the
+    # clip value on every rank (a per-shard clip would leave each rank's shard at 0.05 and the whole at ~0.07)
+    for r in (r0, r1, single):
+        assert r["stepped_grad_norms"] == pytest.approx([0.05] * 4, rel=1e-5)
     for name, w in single["weights"].items():
         torch.testing.assert_close(r0["weights"][name], w, rtol=0, atol=1e-5)
 
@@ -81,6 +119,32 @@ def test_exact_resume_from_a_consolidated_checkpoint(tmp_path):
         assert_same(a["weights"], b["weights"])
         assert_same(a["masters"], b["masters"])
     assert full[0]["blocks"][4:] == resumed[0]["blocks"]
+
+
+@pytest.mark.parametrize(("first", "then"), [("fsdp", "single"), ("single", "fsdp")], ids=["2to1", "1to2"])
+def test_resume_on_another_number_of_ranks(tmp_path, first, then):
+    # a consolidated checkpoint written on 2 ranks resumes on one device with `badam`, and one written by `badam` on
+    # one device resumes on 2 ranks (re-sharded); in FP32, 2 ranks x batch 2 and 1 device x batch 4 agree to ~1e-5
+    args = {"fsdp": [*FSDP, "--batch-size", "2"], "single": ["--devices", "1", "--batch-size", "4"]}
+    common = ["--precision", "32-true", "--order", "random", "--every", "3", "--n", "16", "--layers", "3", "--lr", "1e-3"]
+    ckpt = tmp_path / "half.ckpt"
+    launch(tmp_path / "first", *args[first], *common, "--steps", "4", "--ckpt-out", str(ckpt))
+    resumed = launch(tmp_path / "resumed", *args[then], *common, "--steps", "8", "--ckpt-in", str(ckpt))
+    # the reference: the run that never stopped, on the ranks the resumed run uses
+    full = launch(tmp_path / "full", *args[then], *common, "--steps", "8")
+    for a, b in zip(full, resumed, strict=True):
+        assert a["blocks"][4:] == b["blocks"]  # the block order continues where it stopped
+        assert a["masters"].keys() == b["masters"].keys()
+        for name, master in a["masters"].items():
+            torch.testing.assert_close(b["masters"][name], master, rtol=0, atol=2e-5)
+        for i, state in a["state"].items():  # Adam's moments and step count came along
+            for key, value in state.items():
+                torch.testing.assert_close(b["state"][i][key], value, rtol=1e-3, atol=1e-7)
+        # weights moved after the resume, by about one learning rate per step, and as the uninterrupted run's did
+        moved = max((b["weights"][n] - b["snapshots"][0][n]).abs().max().item() for n in b["weights"])
+        assert moved > 2e-3
+        for name, w in a["weights"].items():
+            torch.testing.assert_close(b["weights"][name], w, rtol=0, atol=2e-5)
 
 
 def test_fp16_is_refused_with_a_clear_error(tmp_path):
