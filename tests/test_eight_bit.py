@@ -622,17 +622,18 @@ def test_cli_recipe_turns_eight_bit_state_on(tmp_path, optimizer, extra_callback
 
 
 # ---------------------------------------------------------------------------------------------------------- DDP
+def _launch_eight_bit(out: Path, *args: str) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, str(DDP_SCRIPT), "--out", str(out), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
+
+
 @pytest.mark.xdist_group("ddp")  # one DDP launch at a time: each wants both cores
 @pytest.mark.parametrize("strategy", ["ddp", "badam_ddp"])
 def test_two_ranks_hold_identical_eight_bit_state(tmp_path, strategy):
-    proc = subprocess.run(
-        [sys.executable, str(DDP_SCRIPT), "--out", str(tmp_path), "--strategy", strategy],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(p, weights_only=True) for p in sorted(tmp_path.glob("rank*.pt")))
+    r0, r1 = _launch_eight_bit(tmp_path, "--strategy", strategy)
     assert r0["world_size"] == 2 and r0["optimizer"] == r1["optimizer"] == "AdamW8bit"
     _assert_same(r0["weights"], r1["weights"], "weights")
     _assert_same(r0["optimizer_state"], r1["optimizer_state"], "optimizer state")  # the uint8 codes included
@@ -646,3 +647,25 @@ def test_two_ranks_hold_identical_eight_bit_state(tmp_path, strategy):
             seen_dtypes.add(dtype)
     assert seen_dtypes == {"torch.uint8", "torch.float32"}
     assert r0["dtypes"] == r1["dtypes"]
+
+
+@pytest.mark.xdist_group("ddp")
+@pytest.mark.parametrize("strategy", ["ddp", "badam_ddp"])
+def test_two_ranks_with_eight_bit_state_match_one_device_at_twice_the_batch(tmp_path, strategy):
+    # FP32 weights, so that the ranks' averaged gradients equal one device's to float rounding; 8-bit state then
+    # quantizes the same values the same way
+    common = ["--strategy", strategy, "--precision", "32-true"]
+    r0, _ = _launch_eight_bit(tmp_path / "two", *common, "--batch-size", "2")
+    (single,) = _launch_eight_bit(tmp_path / "one", *common, "--devices", "1", "--batch-size", "4")
+    assert r0["world_size"] == 2 and single["world_size"] == 1
+    assert r0["optimizer"] == single["optimizer"] == "AdamW8bit"
+    assert r0["dtypes"] == single["dtypes"]  # the same tensors trained, with the same state layout, at every step
+    start = weights(LlamaModule(num_layers=2, hidden=64))
+    moved = {n: (w - start[n]).abs().max().item() for n, w in single["weights"].items()}
+    trained = [n for n, m in moved.items() if m > 0]
+    # six AdamW steps at lr 3e-3 move a trained element by up to ~1.8e-2; under BAdam (2 steps per block, random
+    # order, lm_head a block too) three of its blocks trained
+    assert max(moved.values()) > 5e-3 and len(trained) >= 9, moved
+    for name, w in single["weights"].items():
+        # a missing or doubled step would be off by a learning rate (3e-3) or more
+        torch.testing.assert_close(r0["weights"][name], w, rtol=0, atol=1e-4, msg=name)

@@ -126,7 +126,20 @@ def test_resume_on_another_number_of_ranks(tmp_path, first, then):
     # a consolidated checkpoint written on 2 ranks resumes on one device with `badam`, and one written by `badam` on
     # one device resumes on 2 ranks (re-sharded); in FP32, 2 ranks x batch 2 and 1 device x batch 4 agree to ~1e-5
     args = {"fsdp": [*FSDP, "--batch-size", "2"], "single": ["--devices", "1", "--batch-size", "4"]}
-    common = ["--precision", "32-true", "--order", "random", "--every", "3", "--n", "16", "--layers", "3", "--lr", "1e-3"]
+    common = [
+        "--precision",
+        "32-true",
+        "--order",
+        "random",
+        "--every",
+        "3",
+        "--n",
+        "16",
+        "--layers",
+        "3",
+        "--lr",
+        "1e-3",
+    ]
     ckpt = tmp_path / "half.ckpt"
     launch(tmp_path / "first", *args[first], *common, "--steps", "4", "--ckpt-out", str(ckpt))
     resumed = launch(tmp_path / "resumed", *args[then], *common, "--steps", "8", "--ckpt-in", str(ckpt))
