@@ -23,7 +23,7 @@ from crash_resume_run import EVERY, MARKER, MAX_STEPS, train
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import lightning_memopt.checkpoint_io
-from lightning_memopt import BAdamDDPStrategy, BAdamStrategy
+from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 
 SCRIPT = Path(__file__).parent / "crash_resume_run.py"
@@ -117,8 +117,10 @@ def test_sigkilled_runs_resume_bit_identical_and_no_checkpoint_is_half_written(t
 def test_badam_strategies_write_checkpoints_atomically_unless_told_otherwise():
     assert type(BAdamStrategy().checkpoint_io) is AtomicCheckpointIO
     assert type(BAdamDDPStrategy().checkpoint_io) is AtomicCheckpointIO
+    assert type(BAdamFSDPStrategy().checkpoint_io) is AtomicCheckpointIO  # rank 0 writes the consolidated file
     mine = TorchCheckpointIO()
     assert BAdamStrategy(checkpoint_io=mine).checkpoint_io is mine
+    assert BAdamFSDPStrategy(checkpoint_io=mine).checkpoint_io is mine
 
 
 def test_atomic_checkpoint_io_replaces_the_file_in_one_step(tmp_path, monkeypatch):

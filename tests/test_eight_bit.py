@@ -21,7 +21,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import LlamaModule, trainer_kwargs, weights
@@ -29,6 +28,7 @@ from models import LlamaModule, trainer_kwargs, weights
 import lightning_memopt.callbacks.eight_bit as eight_bit_module
 from lightning_memopt import BAdamStrategy, BlockSwitch
 from lightning_memopt.callbacks.eight_bit import EightBitState, check_bitsandbytes_version, is_eight_bit, to_eight_bit
+from lightning_memopt.cli import MemoptCLI
 
 BLOCK = 256  # bitsandbytes' block-wise quantization: one FP32 absmax per 256 values
 EIGHT_BIT_BYTES_PER_PARAM = 2 + 2 * 4 / BLOCK  # Adam: two uint8 codes + two FP32 absmax per block = 2.03125
@@ -593,8 +593,8 @@ trainer:
       init_args: {{every: 1, order: ascending}}
 {extra_callback}
 model:
-  num_layers: 2
-  hidden: 64
+  class_path: models.LlamaModule
+  init_args: {{num_layers: 2, hidden: 64}}
 optimizer:
   class_path: {optimizer}
   init_args: {{lr: 0.003}}
@@ -613,7 +613,7 @@ def test_cli_recipe_turns_eight_bit_state_on(tmp_path, optimizer, extra_callback
     config = tmp_path / "recipe.yaml"
     config.write_text(CLI_CONFIG.format(optimizer=optimizer, extra_callback=extra_callback))
     args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
-    cli = LightningCLI(LlamaModule, args=args, save_config_kwargs={"overwrite": True})
+    cli = MemoptCLI(args=args)  # the pack's CLI, as `lightning-memopt fit --config ...` runs it
     trainer = cli.trainer
     assert trainer.global_step == 3
     assert type(trainer.optimizers[0]) is bnb.optim.AdamW8bit

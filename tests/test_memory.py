@@ -72,6 +72,7 @@ def fit(tmp_path, module, *, badam: bool, precision: str, steps: int = 5, every:
 def test_badam_bf16_exact_accounting(tmp_path):
     module = LlamaModule(num_layers=4, hidden=32)
     numel = sum(p.numel() for p in module.parameters())
+    buffers = 2 * sum(b.numel() for b in module.buffers())  # rotary frequencies, cast to bf16 by bf16-true
     _, taken = fit(tmp_path, module, badam=True, precision="bf16-true")
     for snap in taken:
         memory, active = snap["memory"], snap["active_numel"]
@@ -83,7 +84,9 @@ def test_badam_bf16_exact_accounting(tmp_path):
         assert state["exp_avg"] + state["exp_avg_sq"] == 8 * active
         assert state["step"] == 4 * snap["active_tensors"]  # torch keeps one FP32 step scalar per parameter
         prediction = snap["prediction"]
-        assert prediction.total == memory.total
+        # bf16 weights, then per active parameter an FP32 master, gradient and two moments, and a step per tensor
+        expected = 2 * numel + buffers + 16 * active + 4 * snap["active_tensors"]
+        assert prediction.total == memory.total == expected
         assert (prediction.masters, prediction.grads) == (memory.masters, memory.grads)
         assert prediction.formula == "2M + 16M/D"
 
@@ -98,7 +101,8 @@ def test_plain_adamw_32_true_exact_accounting(tmp_path):
     assert memory.masters == 0
     assert memory.grads == 4 * numel
     assert memory.optimizer_state == 8 * numel + 4 * tensors
-    assert taken[-1]["prediction"].total == memory.total
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    assert taken[-1]["prediction"].total == memory.total == 16 * numel + 4 * tensors + buffers
     assert taken[-1]["prediction"].formula == "16M"
 
 
@@ -146,31 +150,55 @@ def test_tensors_sharing_storage_are_counted_once():
     assert memory.buffers == 0
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-        lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
-        lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
-        lambda ps: torch.optim.SGD(ps, lr=1e-3),
-        lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
-        lambda ps: __import__("bitsandbytes").optim.AdamW8bit(ps, lr=1e-3),
-        lambda ps: __import__("bitsandbytes").optim.AdamW(ps, lr=1e-3),
-        lambda ps: __import__("bitsandbytes").optim.SGD8bit(ps, lr=1e-3, momentum=0.9),
-    ],
-    ids=["adamw", "adam-amsgrad", "sgd-momentum", "sgd", "adafactor", "adamw8bit", "bnb-adamw32", "sgd8bit"],
-)
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+    "adamw8bit": lambda ps: __import__("bitsandbytes").optim.AdamW8bit(ps, lr=1e-3),
+    "bnb-adamw32": lambda ps: __import__("bitsandbytes").optim.AdamW(ps, lr=1e-3),
+    "sgd8bit": lambda ps: __import__("bitsandbytes").optim.SGD8bit(ps, lr=1e-3, momentum=0.9),
+}
+
+
+def _expected_state_bytes(name: str, dtype: torch.dtype) -> int:
+    """The state of Linear(96, 64) + Linear(64, 8) after one step, from each optimizer's documented layout (not from
+    the accounting code): torch keeps moments in the parameter's dtype and an FP32 step scalar per tensor; Adafactor
+    a row and a column vector per matrix; bitsandbytes FP32 state, or for tensors of >= 4096 values uint8 codes, one
+    FP32 maximum per 256 values and a 256-entry FP32 quantization map per moment."""
+    w1, b1, w2, b2 = 64 * 96, 64, 8 * 64, 8
+    numel, tensors, size = w1 + b1 + w2 + b2, 4, torch.finfo(dtype).bits // 8
+    small = b1 + w2 + b2  # below bitsandbytes' min_8bit_size: 32-bit state
+    eight_bit_moment = w1 + 4 * (w1 // 256) + 4 * 256
+    return {
+        "adamw": 2 * numel * size + 4 * tensors,
+        "adam-amsgrad": 3 * numel * size + 4 * tensors,
+        "sgd-momentum": numel * size,
+        "sgd": 0,
+        "adafactor": (64 + 96 + b1 + 8 + 64 + b2) * size + 4 * tensors,
+        "adamw8bit": 2 * eight_bit_moment + 2 * 4 * small,
+        "bnb-adamw32": 2 * 4 * numel,
+        "sgd8bit": eight_bit_moment + 4 * small,
+    }[name]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prediction_equals_accounting_for_each_optimizer(make, dtype):
+def test_prediction_equals_accounting_for_each_optimizer(name, dtype):
     # a matrix above bitsandbytes' min_8bit_size (8-bit state), a small one and a vector (32-bit state)
     model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 8)).to(dtype)
-    optimizer = make(model.parameters())
+    optimizer = OPTIMIZERS[name](model.parameters())
     model(torch.randn(4, 96, dtype=dtype)).sum().backward()
     optimizer.step()
     memory = account_memory(model, [optimizer])
     prediction = predict_memory(model, [optimizer])
-    assert prediction.optimizer_state == memory.optimizer_state
-    assert prediction.total == memory.total
+    expected = _expected_state_bytes(name, dtype)
+    assert memory.optimizer_state == expected
+    assert prediction.optimizer_state == expected
+    numel = sum(p.numel() for p in model.parameters())
+    size = torch.finfo(dtype).bits // 8
+    assert prediction.total == memory.total == 2 * numel * size + expected  # weights and their gradients
     assert prediction.notes == []
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent / "rank_death_run.py"
-# the run's BAdamDDPStrategy(timeout=timedelta(seconds=15)); it also bounds how long rank 0 waits for rank 1 to start,
-# which takes several seconds on a busy machine
-TIMEOUT_S = 15
-BOUND_S = 120  # start-up, three steps and the timeout fit well within this; the default timeout is 1800 s
+# the run's BAdamDDPStrategy(timeout=timedelta(seconds=45)); it also bounds how long rank 0 waits for rank 1 to start
+# (importing torch, Lightning and transformers), which takes 5-10 s on an idle 2-core machine and several times that
+# when the other tests keep both cores busy: 45 s leaves room for that, and a hang still costs under a minute
+TIMEOUT_S = 45
+BOUND_S = 300  # two slow start-ups, three steps, the timeout and the teardown; the default timeout is 1800 s
 
 pytestmark = pytest.mark.xdist_group("ddp")  # one DDP launch at a time: they each want both cores
 
@@ -77,7 +78,7 @@ def test_a_lost_rank_stops_the_run_with_a_clear_error(tmp_path, mode):
         assert "Timed out" in output  # gloo gave up after the timeout
         assert f"local rank 1 (PID {pid}) is still running" in output
     # no rank outlives the launch: a hung one is stopped when rank 0 exits
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a busy machine is slow to deliver the signal and reap the process
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     if _alive(pid):

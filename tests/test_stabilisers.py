@@ -432,15 +432,9 @@ def test_resume_is_bit_exact(tmp_path, case):
 
 # --------------------------------------------------------------------------------------- YAML
 def _cli(args: list[str]):
-    try:
-        from lightning_memopt.cli import MemoptCLI as CLI
+    from lightning_memopt.cli import MemoptCLI  # the pack's own CLI: a broken one must fail these tests
 
-        extra: dict[str, Any] = {}
-    except ImportError:  # the package's CLI module is optional here: Lightning's own CLI runs the same YAML
-        from lightning.pytorch.cli import LightningCLI as CLI
-
-        extra = {"subclass_mode_model": True}
-    return CLI(args=args, run=False, save_config_kwargs={"overwrite": True}, **extra)
+    return MemoptCLI(args=args, run=False)
 
 
 YAML_CASES = {

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.blocks import Granularity
+from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies.badam import BlockCoordinateMixin
 
@@ -64,6 +65,8 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
         timeout: process group timeout.
         start_method: how Lightning launches processes.
+        checkpoint_io: how rank 0 writes the consolidated checkpoint file; by default
+            :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
 
     Example::
 
@@ -101,7 +104,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
