@@ -214,9 +214,7 @@ def _checkpoint(tmp_path, strategy: Any, num_layers: int = 2) -> str:
 def test_resuming_a_checkpoint_not_written_by_badam_says_how_to_start_from_its_weights(tmp_path):
     path = _checkpoint(tmp_path, "auto")
     with pytest.raises(MisconfigurationException) as err:
-        _trainer(tmp_path, max_steps=2).fit(
-            LlamaModule(num_layers=2, hidden=16, n=4), ckpt_path=path
-        )
+        _trainer(tmp_path, max_steps=2).fit(LlamaModule(num_layers=2, hidden=16, n=4), ckpt_path=path)
     message = str(err.value)
     assert "not written by a BAdam strategy" in message
     assert "model.load_state_dict(torch.load(path)['state_dict'])" in message and "without ckpt_path" in message
@@ -227,6 +225,4 @@ def test_resuming_another_models_checkpoint_names_the_mismatch(tmp_path):
     with pytest.raises(
         MisconfigurationException, match=r"(?s)another model.*Unexpected key\(s\) in state_dict: \"model.model.layers.2"
     ):
-        _trainer(tmp_path, max_steps=2).fit(
-            LlamaModule(num_layers=2, hidden=16, n=4), ckpt_path=path
-        )
+        _trainer(tmp_path, max_steps=2).fit(LlamaModule(num_layers=2, hidden=16, n=4), ckpt_path=path)
