@@ -53,6 +53,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -96,12 +97,18 @@ class StorageLedger:
     def key(tensor: Tensor) -> tuple[str, int] | None:
         """``(device, data_ptr)`` of the tensor's storage, or ``None`` for a tensor without memory (meta, empty)."""
         tensor = _local(tensor)
-        if tensor.device.type == "meta":
+        if tensor.device.type == "meta" or is_fake(tensor):
+            # a FakeTensor (left by tracing, e.g. Lightning's FLOPs count in the model summary, until the garbage
+            # collector frees it) owns no memory; its data pointer is 0, or access to it raises
             return None
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
             return None
-        return str(tensor.device), storage.data_ptr()
+        try:
+            pointer = storage.data_ptr()
+        except RuntimeError:  # another tensor without data of its own (a functional wrapper during tracing)
+            return None
+        return str(tensor.device), pointer
 
     def __contains__(self, tensor: Tensor) -> bool:
         key = self.key(tensor)

@@ -322,3 +322,19 @@ def test_reset_peak_rss_forgets_an_earlier_peak() -> None:
         assert after < now + 32 * 2**20  # the peak restarts from (about) the current size
     else:
         assert not ok and before == after
+
+
+def test_fake_tensors_left_by_tracing_are_not_counted():
+    # Lightning's model summary counts FLOPs on fake tensors; until the garbage collector frees them, the scan for
+    # "other" tensors meets them. They own no memory: a data pointer of 0, or one whose access raises
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fakes = [mode.from_tensor(torch.arange(1000)) for _ in range(2)]
+    torch._C._set_throw_on_mutable_data_ptr(fakes[1])
+    ledger = StorageLedger()
+    assert [ledger.add(f) for f in fakes] == [0, 0]
+    assert ledger.add(torch.arange(1000)) == 8000
+    layer = nn.Linear(4, 4)
+    memory = account_memory(layer, count_other=True)  # meets both fakes in gc.get_objects() and does not fail
+    assert memory.weights == (16 + 4) * 4 and memory.other is not None

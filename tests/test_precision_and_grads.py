@@ -286,7 +286,10 @@ def test_accumulation_equals_larger_batch_fp32(tmp_path, optimizer):
     trainer_big, big = run(batch_size=4, accumulate=1)
     assert trainer_acc.global_step == trainer_big.global_step == 6
     for name in acc:
-        torch.testing.assert_close(acc[name], big[name], rtol=1e-6, atol=1e-6, msg=name)
+        # summation order differs between CPUs; Adam turns that into ~1e-6 on single near-zero-gradient elements
+        # (1.4e-6 measured on an AMD EPYC), against a step of ~lr = 1e-3 per element: a micro-batch left out of the
+        # sum or counted twice moves the update by a good fraction of that
+        torch.testing.assert_close(acc[name], big[name], rtol=0, atol=1e-5, msg=name)
     # the comparison is not vacuous: blocks 0 and 1 trained (a switch happened at step 3), block 2 did not
     for index, changed in ((0, True), (1, True), (2, False)):
         names = block_names(trainer_acc, index)
