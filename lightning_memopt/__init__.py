@@ -27,14 +27,12 @@ from lightning_memopt.callbacks import (
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.memory import MemoryReport
 from lightning_memopt.precision import MasterGradScalerPrecision
-from lightning_memopt.strategies import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy
+from lightning_memopt.strategies import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, register
 
 __version__ = "0.1.0.dev0"
 
 # Lightning 2.6 does not discover third-party strategies: register ours on import, once.
-BAdamStrategy.register_strategies(StrategyRegistry)
-BAdamDDPStrategy.register_strategies(StrategyRegistry)
-BAdamFSDPStrategy.register_strategies(StrategyRegistry)
+register(StrategyRegistry)
 
 __all__ = [
     "AtomicCheckpointIO",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
@@ -58,10 +58,21 @@ class Block:
     Attributes:
         name: a readable name, e.g. ``"model.layers.3"`` or ``"embedding"``.
         param_names: names of the parameters in the block, in the model's ``named_parameters()`` order.
+        module_paths: the submodules whose forward holds the block, as paths from the partitioned module: its layer
+            (or layers), or the modules an explicit prefix names. The strategies hook the block's input there (for
+            reentrant gradient checkpointing) and shard them as FSDP units. Empty where no such module exists (the
+            embedding and head blocks, regex blocks, prefixes of single parameters). Derived from the partition, so
+            it takes no part in comparing blocks.
+
+    Example::
+
+        >>> Block("model.layers.0", ("model.layers.0.weight",), module_paths=("model.layers.0",)).module_paths
+        ('model.layers.0',)
     """
 
     name: str
     param_names: tuple[str, ...]
+    module_paths: tuple[str, ...] = field(default=(), compare=False)
 
 
 def matches_prefix(name: str, prefix: str) -> bool:
@@ -304,8 +315,9 @@ def partition(
                     )
                 members.extend(hit)
             member_set = set(members)
-            name = " + ".join(p.rstrip(".") for p in prefixes)
-            blocks.append(Block(name, tuple(n for n in names if n in member_set)))
+            stripped = [p.rstrip(".") for p in prefixes]
+            paths = tuple(p for p in stripped if _is_submodule(module, p))
+            blocks.append(Block(" + ".join(stripped), tuple(n for n in names if n in member_set), paths))
         for pattern in block_regexes or ():
             try:
                 regex = re.compile(pattern)
@@ -358,7 +370,14 @@ def _group_layers(layers: Sequence[Block], size: int) -> list[Block]:
     if size == 1:
         return list(layers)
     groups = [layers[i : i + size] for i in range(0, len(layers), size)]
-    return [Block(" + ".join(b.name for b in g), tuple(n for b in g for n in b.param_names)) for g in groups]
+    return [
+        Block(
+            " + ".join(b.name for b in g),
+            tuple(n for b in g for n in b.param_names),
+            tuple(dict.fromkeys(path for b in g for path in b.module_paths)),
+        )
+        for g in groups
+    ]
 
 
 def _head_block_params(
@@ -388,10 +407,12 @@ def _split_whole(name: str, members: tuple[str, ...], granularity: str) -> list[
 
 
 def _split_layer(layer: str, layer_module: nn.Module, members: tuple[str, ...], granularity: str) -> list[Block]:
+    # a module or matrix block lies inside its layer; reentrant checkpointing and FSDP units wrap the whole layer
+    paths = (layer,)
     if granularity == "layer":
-        return [Block(layer, members)]
+        return [Block(layer, members, paths)]
     if granularity == "matrix":
-        return [Block(n, (n,)) for n in members]
+        return [Block(n, (n,), paths) for n in members]
     children = {name for name, _ in layer_module.named_children()}
     groups: dict[str, list[str]] = {}
     for n in members:
@@ -399,7 +420,16 @@ def _split_layer(layer: str, layer_module: nn.Module, members: tuple[str, ...], 
         # parameters registered on the layer itself (not in a child module) form one block named after the layer
         key = _join(layer, head) if head in children else layer
         groups.setdefault(key, []).append(n)
-    return [Block(key, tuple(group)) for key, group in groups.items()]
+    return [Block(key, tuple(group), paths) for key, group in groups.items()]
+
+
+def _is_submodule(module: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a submodule of ``module`` (not the module itself, not a parameter)."""
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def enclosing_layers(module: nn.Module, param_names: Sequence[str]) -> list[str]:

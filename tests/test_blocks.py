@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -580,3 +581,55 @@ def test_layers_per_block_must_be_a_positive_int(bad: object) -> None:
         partition(model, layers_per_block=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layers_per_block must be an int >= 1"):
         BAdamStrategy(layers_per_block=bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ module paths
+def test_blocks_carry_the_module_paths_that_hold_them():
+    # where the strategies hook a block's input (reentrant checkpointing) and which FSDP units they shard: recorded by
+    # the partition itself, never parsed back out of the block's name
+    model = tiny_llama(num_layers=4)
+    layers = [f"model.layers.{i}" for i in range(4)]
+    auto = partition(model, include_embedding=True, include_lm_head=True)
+    assert [b.module_paths for b in auto] == [(), *((p,) for p in layers), ()]  # embedding and head: no module
+    grouped = partition(model, layers_per_block=3)
+    assert [b.module_paths for b in grouped] == [tuple(layers[:3]), (layers[3],)]
+    for granularity in ("module", "matrix"):
+        fine = partition(model, granularity=granularity)
+        # a module or matrix block sits inside its layer, which is what checkpointing and FSDP wrap
+        for block in fine:
+            (layer,) = {re.match(r"model\.layers\.\d+", n).group(0) for n in block.param_names}
+            assert block.module_paths == (layer,), block
+    explicit = partition(
+        model,
+        block_prefixes=[["model.layers.0", "model.norm.weight"], "model.layers.1.mlp"],
+        block_regexes=[r"layers\.2\."],
+    )
+    # prefixes that name modules count; a prefix of one parameter and a regex name no module
+    assert [b.module_paths for b in explicit] == [("model.layers.0",), ("model.layers.1.mlp",), ()]
+    assert explicit[0].name == "model.layers.0 + model.norm.weight"
+    # derived data: blocks compare by name and parameters only
+    assert explicit[1] == Block("model.layers.1.mlp", explicit[1].param_names)
+
+
+def test_the_partition_is_computed_once_per_fit(tmp_path, monkeypatch):
+    import lightning_memopt.strategies.badam as badam_module
+    from lightning_memopt import BAdamStrategy, BlockSwitch
+
+    calls: list[int] = []
+    real = badam_module.partition
+    monkeypatch.setattr(badam_module, "partition", lambda *a, **k: calls.append(1) or real(*a, **k))
+    strategy = BAdamStrategy()
+    trainer = L.Trainer(
+        strategy=strategy,
+        precision="bf16-true",
+        max_steps=3,
+        callbacks=[BlockSwitch(every=1, order="ascending")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(LlamaModule(num_layers=2, hidden=16))
+    assert len(calls) == 1 and len(strategy.blocks) == 2
+    assert not strategy._partitioned  # the next fit partitions its own module again

@@ -10,6 +10,7 @@ import lightning_memopt.data
 import lightning_memopt.instruct
 import lightning_memopt.lm
 import lightning_memopt.precision
+import lightning_memopt.strategies
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,7 @@ import lightning_memopt.precision
         lightning_memopt.instruct,
         lightning_memopt.lm,
         lightning_memopt.precision,
+        lightning_memopt.strategies,
     ],
 )
 def test_docstring_examples(module):

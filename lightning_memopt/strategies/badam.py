@@ -33,7 +33,6 @@ from lightning_memopt.blocks import (
     Block,
     Granularity,
     _check_layers_per_block,
-    enclosing_layers,
     partition,
 )
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
@@ -57,6 +56,16 @@ class BlockCoordinateMixin(Strategy):
     the strategy's own. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch` calls
     :meth:`activate`. Subclasses may override :meth:`_badam_after_closure` to communicate master gradients.
     """
+
+    strategy_name: str
+    strategy_description: str
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        # the one registration of every BAdam strategy: its name (``Trainer(strategy="badam")``) and description
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(cls.strategy_name, cls, description=cls.strategy_description)
 
     def _badam_init(
         self,
@@ -88,6 +97,7 @@ class BlockCoordinateMixin(Strategy):
         self.keep_optimizer_state = keep_optimizer_state
         self.active_input_requires_grad = active_input_requires_grad
         self._blocks: list[Block] = []
+        self._partitioned = False  # whether _blocks belong to the current fit
         self._active: int | None = None
         self._active_set: tuple[int, ...] = ()
         self._params: dict[str, nn.Parameter] = {}
@@ -238,15 +248,7 @@ class BlockCoordinateMixin(Strategy):
                 "BAdam cannot drive LBFGS: it re-evaluates the loss inside step() while the active block changes "
                 "between steps. Use a first-order optimizer such as torch.optim.AdamW or SGD."
             )
-        self._blocks = partition(
-            module,
-            block_prefixes=self.block_prefixes,
-            block_regexes=self.block_regexes,
-            include_embedding=self.include_embedding,
-            include_lm_head=self.include_lm_head,
-            granularity=self.granularity,
-            layers_per_block=self.layers_per_block,
-        )
+        self._partition(module)
         self._params = dict(module.named_parameters())
         self._original_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         names_by_id = {id(p): n for n, p in self._params.items()}
@@ -352,22 +354,28 @@ class BlockCoordinateMixin(Strategy):
         # does not require grad returns an output without grad, so the active block would get no gradient at all
         return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
 
+    def _partition(self, module: nn.Module) -> list[Block]:
+        """This fit's blocks, computed once per fit (the FSDP variant shards by them before the optimizer is set up;
+        the names do not change with sharding)."""
+        if not self._partitioned:
+            self._blocks = partition(
+                module,
+                block_prefixes=self.block_prefixes,
+                block_regexes=self.block_regexes,
+                include_embedding=self.include_embedding,
+                include_lm_head=self.include_lm_head,
+                granularity=self.granularity,
+                layers_per_block=self.layers_per_block,
+            )
+            self._partitioned = True
+        return self._blocks
+
     def _block_module_paths(self, block: Block) -> list[str]:
-        module = self.lightning_module
-        assert module is not None
-        if self.granularity != "layer":
-            # a module or matrix block lies inside a layer; reentrant checkpointing and FSDP units wrap whole layers
-            return enclosing_layers(module, block.param_names)
-        paths = []
-        for candidate in (p.strip() for p in block.name.split(" + ")):
-            try:
-                module.get_submodule(candidate)
-            except AttributeError:
-                continue
-            paths.append(candidate)
-        return paths
+        # the partition records where each block sits (its layer, or the modules an explicit prefix names)
+        return list(block.module_paths)
 
     def _badam_teardown(self) -> None:
+        self._partitioned = False  # the blocks stay readable; the next fit partitions again
         for handle in self._input_hooks:
             handle.remove()
         self._input_hooks = []
@@ -707,6 +715,7 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
     """
 
     strategy_name = "badam"
+    strategy_description = "BAdam block coordinate descent, one device"
 
     def __init__(
         self,
@@ -748,12 +757,6 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         if not self._device_given:
             self._root_device = _device_from_trainer(self)
         super().setup_environment()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(cls.strategy_name, cls, description="BAdam block coordinate descent, one device")
 
 
 def _trainer_of(strategy: Any) -> Trainer:

@@ -8,7 +8,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
     """
 
     strategy_name = "badam_ddp"
+    strategy_description = "BAdam block coordinate descent, data parallel over devices"
 
     def __init__(
         self,
@@ -169,14 +170,6 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             # Lightning stops the other local ranks only when one of *them* fails; a hung one would outlive this one.
             # At exit, after the traceback is printed (Lightning's process observer SIGKILLs us once a child is gone).
             atexit.register(_kill_running, procs)
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name, cls, description="BAdam block coordinate descent, data parallel over devices"
-            )
 
 
 # gloo, NCCL and c10d name themselves in their errors (a DataLoader's "timed out" must not count) ...

@@ -78,6 +78,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
     """
 
     strategy_name = "badam_fsdp"
+    strategy_description = "BAdam block coordinate descent on FSDP2-sharded models"
 
     def __init__(
         self,
@@ -139,20 +140,10 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         # instead of wrapping with DistributedDataParallel: start from rank 0's weights, then shard block by block
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from lightning_memopt.blocks import partition
-
         module = self.lightning_module
         assert module is not None
         self._mesh = init_device_mesh(self.root_device.type, (dist.get_world_size(),))
-        blocks = partition(
-            module,
-            block_prefixes=self.block_prefixes,
-            block_regexes=self.block_regexes,
-            include_embedding=self.include_embedding,
-            include_lm_head=self.include_lm_head,
-            granularity=self.granularity,
-            layers_per_block=self.layers_per_block,
-        )
+        blocks = self._partition(module)
         units: list[nn.Module] = []
         for block in blocks:
             for path in self._block_module_paths(block):
@@ -288,14 +279,6 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             for key, value in list(param_state.items()):
                 if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
                     param_state[key] = self._badam_like(value, param)
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name, cls, description="BAdam block coordinate descent on FSDP2-sharded models"
-            )
 
 
 def _gather(obj: Any) -> Any:
