@@ -57,6 +57,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_memopt.strategies.badam import block_strategy
+
 __all__ = [
     "MemoryBreakdown",
     "MemoryPrediction",
@@ -635,10 +637,7 @@ class MemoryReport(Callback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[MemoryBreakdown, MemoryPrediction]:
         """Account and predict now; keep the result if it is the largest so far, and log it."""
-        from lightning_memopt.strategies.badam import BlockCoordinateMixin
-
-        strategy = trainer.strategy
-        badam = strategy if isinstance(strategy, BlockCoordinateMixin) else None
+        badam = block_strategy(trainer)
         masters = badam.master_params if badam is not None else {}
         optimizers = list(trainer.optimizers)
         breakdown = account_memory(pl_module, optimizers, masters, count_other=self.count_other)

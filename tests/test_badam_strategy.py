@@ -562,3 +562,53 @@ def test_layers_per_block_trains_groups_of_layers_like_the_same_explicit_blocks(
     assert moved(1, layers[0]) > 1e-2 and moved(1, layers[1]) > 1e-2
     assert moved(1, layers[2]) == moved(1, layers[3]) == 0.0
     assert moved(3, layers[2]) > 1e-2 and moved(3, layers[3]) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ callback protocol
+class NanLossAt(LlamaModule):
+    def __init__(self, nan_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_step = nan_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step == self.nan_step else loss
+
+
+def test_callbacks_find_the_strategy_its_blocks_and_skipped_steps_through_the_protocol(tmp_path):
+    from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy
+    from lightning_memopt.strategies import block_strategy
+
+    seen: list[dict] = []
+
+    class Probe(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            strategy = block_strategy(trainer)
+            assert strategy is trainer.strategy and not strategy.shards_parameters
+            # run_now: called at once with the current block (BlockSwitch, listed first, activated block 0 already)
+            self.now: list = []
+            strategy.register_activation_hook(lambda s, i: self.now.append(i), run_now=True)
+            assert self.now == [0]
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            strategy = block_strategy(trainer)
+            grads = [m.grad for m in strategy.master_params.values()]
+            seen.append({"skipped": strategy.step_skipped, "has_grads": all(g is not None for g in grads)})
+
+    probe = Probe()
+    trainer = L.Trainer(
+        strategy="badam",
+        precision="bf16-true",
+        max_steps=4,
+        callbacks=[BlockSwitch(every=2, order="ascending"), probe],
+        **trainer_kwargs(tmp_path),
+    )
+    with pytest.warns(UserWarning, match="inf/NaN gradients at step 1"):
+        trainer.fit(NanLossAt(nan_step=1, num_layers=2, hidden=16))
+    # step 1's NaN gradients were dropped: the protocol says so, and only for that step
+    assert [s["skipped"] for s in seen] == [False, True, False, False]
+    assert [s["has_grads"] for s in seen] == [True, False, True, True]
+    assert probe.now == [0, 1]  # and the hook followed the switch at step 2
+    plain = L.Trainer(max_steps=1, **trainer_kwargs(tmp_path))
+    assert block_strategy(plain) is None
+    assert not BAdamDDPStrategy.shards_parameters and BAdamFSDPStrategy.shards_parameters

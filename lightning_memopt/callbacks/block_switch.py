@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.sampling import importance_probabilities, sample_blocks, update_score
+from lightning_memopt.strategies.badam import BlockCoordinateMixin, block_strategy
 
 __all__ = ["ORDERS", "BlockSwitch"]
 
@@ -273,12 +274,14 @@ class BlockSwitch(Callback):
         if self.order != "importance":
             return
         strategy = _badam_strategy(trainer)
+        if strategy.step_skipped:
+            return  # a skipped step (inf/NaN gradients) teaches nothing about the blocks
         masters = strategy.master_params
         for index in strategy.active_blocks:
             names = strategy.blocks[index].param_names
-            grads = [masters[n].grad for n in names if n in masters and masters[n].grad is not None]
+            grads: list[Tensor] = [g for g in (masters[n].grad for n in names if n in masters) if g is not None]
             if not grads:
-                continue  # a skipped step (inf/NaN gradients) teaches nothing about the block
+                continue  # backward did not reach the block
             # FP32 master gradients, all-reduced (DDP) and unscaled (16-true) before this hook, and not clipped yet
             norm = torch.nn.utils.get_total_norm(grads)
             if hasattr(norm, "full_tensor"):  # FSDP: a norm over shards, reduced across ranks here
@@ -408,13 +411,11 @@ def _check_number(
     return float(value)
 
 
-def _badam_strategy(trainer: Trainer) -> Any:
-    from lightning_memopt.strategies.badam import BlockCoordinateMixin
-
-    strategy = trainer.strategy
-    if not isinstance(strategy, BlockCoordinateMixin):
+def _badam_strategy(trainer: Trainer) -> BlockCoordinateMixin:
+    strategy = block_strategy(trainer)
+    if strategy is None:
         raise MisconfigurationException(
-            f"BlockSwitch schedules BAdam's blocks, but the Trainer uses {type(strategy).__name__}. "
+            f"BlockSwitch schedules BAdam's blocks, but the Trainer uses {type(trainer.strategy).__name__}. "
             "Pass strategy='badam' (or lightning_memopt.BAdamStrategy()) to the Trainer, or remove BlockSwitch."
         )
     return strategy

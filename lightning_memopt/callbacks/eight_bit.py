@@ -25,6 +25,8 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_memopt.strategies.badam import block_strategy
+
 __all__ = ["SUPPORTED_OPTIMIZERS", "EightBitState", "check_bitsandbytes_version", "is_eight_bit", "to_eight_bit"]
 
 SUPPORTED_OPTIMIZERS = (
@@ -425,8 +427,6 @@ class EightBitState(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_memopt.strategies.badam import BlockCoordinateMixin
-
         strategy = trainer.strategy
         if not strategy.optimizers:
             rank_zero_warn("EightBitState: configure_optimizers returned no optimizer, so there is no state to shrink.")
@@ -452,11 +452,11 @@ class EightBitState(Callback):
                 _repoint_schedulers(trainer, old, new)
 
         self._kept = self._resolve_kept(pl_module)
-        if isinstance(strategy, BlockCoordinateMixin):
+        badam = block_strategy(trainer)
+        if badam is not None:
             # BAdam makes new FP32 masters at every activation: register them again each time (and now, in case the
             # BlockSwitch callback ran before this one and a block is active already)
-            self._activation_handle = strategy.register_activation_hook(self._on_activation)
-            self._on_activation(strategy, strategy.active_block)
+            self._activation_handle = badam.register_activation_hook(self._on_activation, run_now=True)
         else:
             params = dict(pl_module.named_parameters())
             self._overrides.set(params[n] for n in self._kept)

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.rounding import stochastic_round
+from lightning_memopt.strategies.badam import block_strategy
 
 __all__ = ["RULES", "StateFreeUpdates", "state_free_direction"]
 
@@ -143,17 +144,14 @@ class StateFreeUpdates(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_memopt.strategies.badam import BlockCoordinateMixin
-        from lightning_memopt.strategies.badam_fsdp import BAdamFSDPStrategy
-
-        strategy = trainer.strategy
-        if not isinstance(strategy, BlockCoordinateMixin):
+        strategy = block_strategy(trainer)
+        if strategy is None:
             raise MisconfigurationException(
                 f"StateFreeUpdates moves the parameters outside BAdam's active block, but the Trainer uses "
-                f"{type(strategy).__name__}, which trains all parameters already. Use strategy='badam' or "
+                f"{type(trainer.strategy).__name__}, which trains all parameters already. Use strategy='badam' or "
                 "'badam_ddp', or remove StateFreeUpdates."
             )
-        if isinstance(strategy, BAdamFSDPStrategy):
+        if strategy.shards_parameters:
             raise MisconfigurationException(
                 "StateFreeUpdates does not support BAdamFSDPStrategy: the inactive blocks' gradients would be "
                 "sharded DTensors, which its stochastically rounded half-precision update does not handle. Use "
@@ -162,11 +160,9 @@ class StateFreeUpdates(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_memopt.strategies.badam import BlockCoordinateMixin
-
-        strategy = trainer.strategy
+        strategy = block_strategy(trainer)
         self._params = dict(pl_module.named_parameters())
-        assert isinstance(strategy, BlockCoordinateMixin)
+        assert strategy is not None  # setup refused any other strategy
         self._names = [n for b in strategy.blocks for n in b.param_names]
         self._group_of = {n: i for i, members in enumerate(strategy.param_group_names) for n in members}
         device = strategy.root_device
@@ -177,8 +173,7 @@ class StateFreeUpdates(Callback):
         self._warned_missing = False
         # after every activation the blocks that just became inactive must keep requiring grad (and now, in case
         # BlockSwitch activated the first block before this callback's on_fit_start)
-        self._handle = strategy.register_activation_hook(self._on_activation)
-        self._on_activation(strategy, strategy.active_block)
+        self._handle = strategy.register_activation_hook(self._on_activation, run_now=True)
         half = sum(self._params[n].numel() * self._params[n].element_size() for n in self._names)
         rank_zero_info(
             f"StateFreeUpdates: {self.rule} with lr_ratio={self.lr_ratio} on the inactive blocks; backward now runs "
@@ -218,7 +213,8 @@ class StateFreeUpdates(Callback):
         grads = [self._params[n].grad for n in names]
         master_grads = [m.grad for m in masters.values() if m.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in [*grads, *master_grads] if g is not None]).all()
-        if not bool(finite) or (masters and not master_grads):
+        strategy = block_strategy(trainer)
+        if not bool(finite) or (strategy is not None and strategy.step_skipped):
             # the step is skipped as a whole: BAdam (bf16/32-true) or the loss scaler (16-true) skips the active one
             self.skipped_steps += 1
             return

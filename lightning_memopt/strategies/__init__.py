@@ -2,11 +2,19 @@
 
 from typing import Any
 
-from lightning_memopt.strategies.badam import BAdamStrategy, BlockCoordinateMixin
+from lightning_memopt.strategies.badam import BAdamStrategy, BlockCoordinateMixin, block_strategy
 from lightning_memopt.strategies.badam_ddp import BAdamDDPStrategy
 from lightning_memopt.strategies.badam_fsdp import BAdamFSDPStrategy
 
-__all__ = ["STRATEGIES", "BAdamDDPStrategy", "BAdamFSDPStrategy", "BAdamStrategy", "BlockCoordinateMixin", "register"]
+__all__ = [
+    "STRATEGIES",
+    "BAdamDDPStrategy",
+    "BAdamFSDPStrategy",
+    "BAdamStrategy",
+    "BlockCoordinateMixin",
+    "block_strategy",
+    "register",
+]
 
 STRATEGIES: tuple[type[BlockCoordinateMixin], ...] = (BAdamStrategy, BAdamDDPStrategy, BAdamFSDPStrategy)
 """Every BAdam strategy, in the order they are registered."""

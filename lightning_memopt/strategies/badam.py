@@ -38,7 +38,7 @@ from lightning_memopt.blocks import (
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
-__all__ = ["BAdamStrategy", "BlockCoordinateMixin"]
+__all__ = ["BAdamStrategy", "BlockCoordinateMixin", "block_strategy"]
 
 _CKPT_KEY = "badam"
 _CKPT_FORMAT = 1
@@ -110,8 +110,21 @@ class BlockCoordinateMixin(Strategy):
         self._pending_ckpt: dict[str, Any] | None = None
         self._ready = False
         self._activation_hooks: OrderedDict[int, Callable[[Any, int], None]] = OrderedDict()
+        self._step_skipped = False
 
     # ----------------------------------------------------------------------------------------------- public surface
+    # What callbacks use to talk to a BAdam strategy (find it with :func:`block_strategy`): the blocks, which are
+    # active, their masters, whether this step was skipped, and a hook on every activation.
+    shards_parameters: bool = False
+    r"""Whether parameters, masters and their gradients are shards (``DTensor``\ s) on each rank."""
+
+    @property
+    def step_skipped(self) -> bool:
+        """Whether this optimizer step's master gradients were inf/NaN and were dropped, so the step changes nothing
+        (``bf16-true``/``32-true``). Set after the last backward of the step, before ``on_before_optimizer_step``.
+        Under ``16-true`` the loss scaler decides later: see ``MasterGradScalerPrecision.last_step_skipped``."""
+        return self._step_skipped
+
     @property
     def blocks(self) -> list[Block]:
         """The blocks, in ascending order. Empty until ``trainer.fit`` has set the strategy up."""
@@ -190,10 +203,12 @@ class BlockCoordinateMixin(Strategy):
         for hook in list(self._activation_hooks.values()):
             hook(self, self._active)
 
-    def register_activation_hook(self, hook: Callable[[Any, int], None]) -> RemovableHandle:
+    def register_activation_hook(self, hook: Callable[[Any, int], None], *, run_now: bool = False) -> RemovableHandle:
         """Call ``hook(strategy, index)`` after every block activation (the new masters exist and the optimizer's param
         groups point at them). Add-ons whose settings are keyed by parameter identity re-apply them here. When a set of
-        blocks is active, ``index`` is the lowest; ``strategy.active_blocks`` has them all.
+        blocks is active, ``index`` is the lowest; ``strategy.active_blocks`` has them all. ``run_now=True`` also
+        calls it at once with the current block (``None`` before the first activation), for a callback that starts
+        after ``BlockSwitch`` has activated one.
 
         Example::
 
@@ -202,6 +217,8 @@ class BlockCoordinateMixin(Strategy):
         """
         handle = RemovableHandle(self._activation_hooks)
         self._activation_hooks[handle.id] = hook
+        if run_now:
+            hook(self, self._active)  # type: ignore[arg-type]
         return handle
 
     # ------------------------------------------------------------------------------------------------- internals
@@ -450,6 +467,7 @@ class BlockCoordinateMixin(Strategy):
         **kwargs: Any,
     ) -> Any:
         def closure_then_hook() -> Any:
+            self._step_skipped = False
             result = closure()
             self._badam_after_closure()
             if not isinstance(self.precision_plugin, MasterGradScalerPrecision):
@@ -477,6 +495,7 @@ class BlockCoordinateMixin(Strategy):
         # optimizers skip parameters without a gradient: this step changes no weight, master or optimizer state
         for master in self._masters.values():
             master.grad = None
+        self._step_skipped = True
         self._nonfinite_in_a_row += 1
         module = self.lightning_module
         step = module.trainer.global_step if module is not None and module._trainer is not None else "?"
@@ -757,6 +776,21 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         if not self._device_given:
             self._root_device = _device_from_trainer(self)
         super().setup_environment()
+
+
+def block_strategy(trainer: Trainer) -> BlockCoordinateMixin | None:
+    """The BAdam strategy ``trainer`` runs (``badam``, ``badam_ddp``, ``badam_fsdp``), or ``None`` for any other: how
+    callbacks find the block protocol (:attr:`~BlockCoordinateMixin.blocks`, ``active_blocks``, ``master_params``,
+    ``step_skipped``, ``register_activation_hook``).
+
+    Example::
+
+        strategy = block_strategy(trainer)
+        if strategy is not None:
+            print("training", [strategy.blocks[i].name for i in strategy.active_blocks])
+    """
+    strategy = trainer.strategy
+    return strategy if isinstance(strategy, BlockCoordinateMixin) else None
 
 
 def _trainer_of(strategy: Any) -> Trainer:

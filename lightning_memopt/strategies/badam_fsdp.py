@@ -79,6 +79,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
 
     strategy_name = "badam_fsdp"
     strategy_description = "BAdam block coordinate descent on FSDP2-sharded models"
+    shards_parameters = True
 
     def __init__(
         self,
