@@ -1,7 +1,7 @@
 """Adafactor's stabiliser rules against the paper's equations (Shazeer & Stern 2018), on random tensors, in float64.
 
-The pure functions of ``lightning_memopt.adafactor`` are checked against the formulas written out here; then the rules
-of the callbacks drive real optimizers (torch's Adam/AdamW/SGD, bitsandbytes' Adam) through
+The pure functions of ``lightning_memopt.adafactor_rules`` are checked against the formulas written out here; then the
+rules of the callbacks drive real optimizers (torch's Adam/AdamW/SGD, bitsandbytes' Adam) through
 ``UpdateTransforms.attach`` in a plain loop, and the result is compared with the paper's recurrences step by step.
 """
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-import lightning_memopt.adafactor
-import lightning_memopt.callbacks._update_transform
-from lightning_memopt.adafactor import (
+import lightning_memopt.adafactor_rules
+import lightning_memopt.callbacks.update_transform
+from lightning_memopt.adafactor_rules import (
     adam_bias_correction_fix,
     beta2_at,
     clip_scale,
@@ -25,10 +25,10 @@ from lightning_memopt.adafactor import (
     rms,
     step_size_cap,
 )
-from lightning_memopt.callbacks._update_transform import UpdateTransforms
 from lightning_memopt.callbacks.beta2_schedule import BETA2_PRODUCT_KEY, Beta2Schedule
 from lightning_memopt.callbacks.relative_step import RelativeStepSize
 from lightning_memopt.callbacks.update_clipping import UpdateClipping
+from lightning_memopt.callbacks.update_transform import UpdateTransforms
 
 F64 = torch.float64
 
@@ -37,7 +37,7 @@ def paper_rms(x: torch.Tensor) -> float:
     return math.sqrt(float((x.double() ** 2).mean()))
 
 
-@pytest.mark.parametrize("module", [lightning_memopt.adafactor, lightning_memopt.callbacks._update_transform])
+@pytest.mark.parametrize("module", [lightning_memopt.adafactor_rules, lightning_memopt.callbacks.update_transform])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

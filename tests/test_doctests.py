@@ -4,7 +4,7 @@ import doctest
 
 import pytest
 
-import lightning_memopt.adafactor
+import lightning_memopt.adafactor_rules
 import lightning_memopt.blocks
 import lightning_memopt.data
 import lightning_memopt.instruct
@@ -16,7 +16,7 @@ import lightning_memopt.strategies
 @pytest.mark.parametrize(
     "module",
     [
-        lightning_memopt.adafactor,
+        lightning_memopt.adafactor_rules,
         lightning_memopt.blocks,
         lightning_memopt.data,
         lightning_memopt.instruct,

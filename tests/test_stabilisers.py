@@ -27,10 +27,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import LlamaModule, token_loader, trainer_kwargs, weights
 
 from lightning_memopt import BAdamStrategy, BlockSwitch
-from lightning_memopt.callbacks._update_transform import TransformCallback, UpdateTransforms
 from lightning_memopt.callbacks.beta2_schedule import BETA2_PRODUCT_KEY, Beta2Schedule
 from lightning_memopt.callbacks.relative_step import RelativeStepSize
 from lightning_memopt.callbacks.update_clipping import UpdateClipping
+from lightning_memopt.callbacks.update_transform import TransformCallback, UpdateTransforms
 from lightning_memopt.strategies.badam import BlockCoordinateMixin
 
 F64 = torch.float64

@@ -9,8 +9,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Adam, Optimizer
 
-from lightning_memopt.adafactor import adam_bias_correction_fix, beta2_at
-from lightning_memopt.callbacks._update_transform import (
+from lightning_memopt.adafactor_rules import adam_bias_correction_fix, beta2_at
+from lightning_memopt.callbacks.update_transform import (
     ORDER_BIAS_CORRECTION,
     ParamUpdate,
     StepContext,
@@ -40,7 +40,7 @@ class Beta2Schedule(TransformCallback):
     per tensor in the optimizer state (key ``"beta2_product"``: it is reset, stashed and checkpointed exactly when v
     is, BAdam's block switches included). Adam then steps with ε·f and its update is multiplied by
     ``f = √((1 - ∏ β̂₂ⱼ) / (1 - β̂₂ₜ^step))``, which turns its update into ``-lr·m̂ / (√(vₜ / (1 - ∏ β̂₂ⱼ)) + ε)``
-    exactly (see :func:`~lightning_memopt.adafactor.adam_bias_correction_fix`). When t starts with the state,
+    exactly (see :func:`~lightning_memopt.adafactor_rules.adam_bias_correction_fix`). When t starts with the state,
     β̂₂₁ = 0 makes the product 0: no bias correction, as in the paper. The first moment keeps Adam's own correction.
 
     Counting t: ``restart_on_switch=True`` counts the steps of the optimizer state, so t restarts at 1 whenever the

@@ -8,8 +8,8 @@ from typing import Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from lightning_memopt.adafactor import EPS2, step_size_cap
-from lightning_memopt.callbacks._update_transform import (
+from lightning_memopt.adafactor_rules import EPS2, step_size_cap
+from lightning_memopt.callbacks.update_transform import (
     ORDER_STEP_SIZE,
     ParamUpdate,
     StepContext,

@@ -8,8 +8,8 @@ from typing import Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from lightning_memopt.adafactor import clip_scale
-from lightning_memopt.callbacks._update_transform import (
+from lightning_memopt.adafactor_rules import clip_scale
+from lightning_memopt.callbacks.update_transform import (
     ORDER_CLIP,
     ParamUpdate,
     TransformCallback,

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_memopt.adafactor import rms_many
+from lightning_memopt.adafactor_rules import rms_many
 
 __all__ = [
     "ORDER_BIAS_CORRECTION",
