@@ -6,7 +6,6 @@ import math
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -18,6 +17,7 @@ from typing_extensions import override
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.rounding import stochastic_round
 from lightning_memopt.strategies.badam import block_strategy
+from lightning_memopt.strategies.collectives import all_reduce_mean
 
 __all__ = ["RULES", "StateFreeUpdates", "state_free_direction"]
 
@@ -198,7 +198,8 @@ class StateFreeUpdates(Callback):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
             grads = [g for g in (self._params[n].grad for n in names) if g is not None]
-            _all_reduce_mean_fp32(grads, world, int(self.bucket_cap_mb * 2**20))
+            # half gradients averaged in FP32 (as the strategies average master gradients), one bucket at a time
+            all_reduce_mean(grads, world, int(self.bucket_cap_mb * 2**20))
         present = [n for n in names if self._params[n].grad is not None]
         try:
             if present:
@@ -284,23 +285,3 @@ class StateFreeUpdates(Callback):
                 self._generator.set_state(generator)
             else:
                 self._pending_generator_state = generator
-
-
-def _all_reduce_mean_fp32(grads: list[Tensor], world: int, cap_bytes: int) -> None:
-    # half-precision gradients are averaged in FP32 (as the BAdam strategies average master gradients), in buckets so
-    # that the FP32 copy is at most `cap_bytes` at a time
-    bucket: list[Tensor] = []
-    size = 0
-    for grad in [*grads, None]:
-        if grad is not None:
-            bucket.append(grad)
-            size += grad.numel() * 4
-        if bucket and (grad is None or size >= cap_bytes):
-            flat = torch.cat([g.reshape(-1).to(torch.float32) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat.div_(world)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0

@@ -24,6 +24,7 @@ from typing_extensions import override
 from lightning_memopt.blocks import Granularity
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.strategies.badam import BlockCoordinateMixin
+from lightning_memopt.strategies.collectives import all_reduce_mean
 
 __all__ = ["BAdamDDPStrategy"]
 
@@ -134,20 +135,13 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         world = dist.get_world_size()
         if world == 1:
             return
-        cap = int(self.bucket_cap_mb * 2**20)
-        bucket: list[Tensor] = []
-        size = 0
+        grads: list[Tensor] = []
         for master in self._masters.values():
             if master.grad is None:
                 # a rank whose loss did not reach this parameter still joins the collective, with zeros
                 master.grad = torch.zeros_like(master)
-            bucket.append(master.grad)
-            size += master.grad.numel() * master.grad.element_size()
-            if size >= cap:
-                _all_reduce_mean(bucket, world)
-                bucket, size = [], 0
-        if bucket:
-            _all_reduce_mean(bucket, world)
+            grads.append(master.grad)
+        all_reduce_mean(grads, world, int(self.bucket_cap_mb * 2**20))
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -209,16 +203,3 @@ def _kill_running(procs: list[subprocess.Popen]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _all_reduce_mean(grads: list[Tensor], world: int) -> None:
-    in_place = len(grads) == 1 and grads[0].is_contiguous()
-    flat = grads[0].view(-1) if in_place else torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(world)
-    if not in_place:
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
-            offset += n
