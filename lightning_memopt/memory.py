@@ -106,11 +106,7 @@ class StorageLedger:
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
             return None
-        try:
-            pointer = storage.data_ptr()
-        except RuntimeError:  # another tensor without data of its own (a functional wrapper during tracing)
-            return None
-        return str(tensor.device), pointer
+        return str(tensor.device), storage.data_ptr()
 
     def __contains__(self, tensor: Tensor) -> bool:
         key = self.key(tensor)

@@ -215,7 +215,8 @@ class StateFreeUpdates(Callback):
         master_grads = [m.grad for m in masters.values() if m.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in [*grads, *master_grads] if g is not None]).all()
         strategy = block_strategy(trainer)
-        if not bool(finite) or (strategy is not None and strategy.step_skipped):
+        assert strategy is not None  # setup refused any other strategy
+        if not bool(finite) or strategy.step_skipped:
             # the step is skipped as a whole: BAdam (bf16/32-true) or the loss scaler (16-true) skips the active one
             self.skipped_steps += 1
             return

@@ -357,7 +357,7 @@ class BlockCoordinateMixin(Strategy):
             return
         module = self.lightning_module
         assert module is not None
-        paths = [path for i in self._active_set for path in self._block_module_paths(self._blocks[i])]
+        paths = [path for i in self._active_set for path in self._blocks[i].module_paths]
         for path in dict.fromkeys(paths):
             sub = module.get_submodule(path)
             self._input_hooks.append(sub.register_forward_pre_hook(_make_input_require_grad, with_kwargs=True))
@@ -386,10 +386,6 @@ class BlockCoordinateMixin(Strategy):
             )
             self._partitioned = True
         return self._blocks
-
-    def _block_module_paths(self, block: Block) -> list[str]:
-        # the partition records where each block sits (its layer, or the modules an explicit prefix names)
-        return list(block.module_paths)
 
     def _badam_teardown(self) -> None:
         self._partitioned = False  # the blocks stay readable; the next fit partitions again

@@ -147,7 +147,7 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         blocks = self._partition(module)
         units: list[nn.Module] = []
         for block in blocks:
-            for path in self._block_module_paths(block):
+            for path in block.module_paths:
                 sub = module.get_submodule(path)
                 if sub is not module and all(sub is not u for u in units):
                     units.append(sub)
