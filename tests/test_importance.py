@@ -210,7 +210,7 @@ def test_state_of_the_classic_orders_is_unchanged_and_old_checkpoints_load():
     old.update(num_blocks=4, segment=2, current=1, **{"pass": [3, 0]})
     switch = BlockSwitch(every=3, order="random")
     switch.load_state_dict(old)
-    assert (switch.current_block, switch.current_blocks) == (1, (1,))
+    assert (switch.active_block, switch.active_blocks) == (1, (1,))
 
 
 # ------------------------------------------------------------------------------------------- a real Trainer

@@ -192,7 +192,7 @@ def _assert_resume_exact(reference, resumed, k: int) -> None:
     assert rec.steps == [s for s in ref_rec.steps if s[0] >= k]
     # the same final masters, optimizer state, loss scaler, active block and schedule state (order, position, RNG)
     _assert_same(ref_rec.final, rec.final, "final")
-    assert switch.current_block == ref_switch.current_block == ref_rec.final["active_block"]
+    assert switch.active_block == ref_switch.active_block == ref_rec.final["active_block"]
     _assert_same(ref_switch.state_dict(), switch.state_dict(), "BlockSwitch")
 
 

@@ -31,7 +31,7 @@ from lightning_memopt.callbacks.beta2_schedule import BETA2_PRODUCT_KEY, Beta2Sc
 from lightning_memopt.callbacks.relative_step import RelativeStepSize
 from lightning_memopt.callbacks.update_clipping import UpdateClipping
 from lightning_memopt.callbacks.update_transform import TransformCallback, UpdateTransforms
-from lightning_memopt.strategies.badam import BlockCoordinateMixin
+from lightning_memopt.strategies.badam import BlockStrategy
 
 F64 = torch.float64
 
@@ -82,7 +82,7 @@ class Module(LlamaModule):
 
 def _tensors(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, torch.Tensor]:
     """What the optimizer steps: the active block's FP32 masters under BAdam, the trainable weights otherwise."""
-    if isinstance(trainer.strategy, BlockCoordinateMixin):
+    if isinstance(trainer.strategy, BlockStrategy):
         return trainer.strategy.master_params
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 

@@ -27,11 +27,14 @@ from lightning_memopt.bench.methods import Method, build_optimizer
 from lightning_memopt.data import TextDataModule
 from lightning_memopt.lm import CausalLM, next_token_loss
 from lightning_memopt.memory import MemoryReport, current_rss
+from lightning_memopt.strategies import block_strategy
 
 __all__ = ["BenchLM", "StepClock", "held_out_loss", "max_switch_jump", "run_method"]
 
-# the strategy's own work around a step: half grads -> FP32 master grads, masters -> half weights, block switches
-_STRATEGY_CALLS = ("_badam_grads_to_masters", "_badam_masters_to_weights", "activate")
+# the strategy's own work around a step: its engine's half grads -> FP32 master grads and masters -> half weights, and
+# block switches
+_ENGINE_CALLS = ("grads_to_masters", "masters_to_weights")
+_STRATEGY_CALLS = ("activate",)
 
 
 class BenchLM(CausalLM):
@@ -57,8 +60,9 @@ class StepClock(Callback):
 
     Put it first in the callback list: its ``on_train_batch_start`` then runs before BlockSwitch activates a block,
     and its ``on_train_batch_end`` before MemoryReport measures, so a step's time includes switching and excludes
-    accounting. The bookkeeping time comes from timers around the BAdam strategy's grad move, copy-back and
-    ``activate`` on the strategy instance (the strategy has no public timing hook).
+    accounting. The bookkeeping time comes from timers put, at the start of fit, around the block engine's
+    ``grads_to_masters`` and ``masters_to_weights`` and the strategy's ``activate`` (instance attributes; neither has
+    a public timing hook).
 
     Example::
 
@@ -78,21 +82,14 @@ class StepClock(Callback):
         self._current: dict[str, float] = {}
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from lightning_memopt.strategies import BlockCoordinateMixin
-
-        strategy = trainer.strategy
-        if not isinstance(strategy, BlockCoordinateMixin):
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = block_strategy(trainer)
+        if strategy is None:
             return
-        missing = [name for name in _STRATEGY_CALLS if not callable(getattr(strategy, name, None))]
-        if missing:
-            # timing nothing would report a zero overhead: fail instead
-            raise RuntimeError(
-                f"The benchmark times BAdam's {', '.join(missing)}, which {type(strategy).__name__} no longer has. "
-                "Update _STRATEGY_CALLS in lightning_memopt/bench/worker.py to the strategy's current methods."
-            )
-        for name in _STRATEGY_CALLS:
-            setattr(strategy, name, self._timed(name, getattr(strategy, name)))
+        # timing nothing would report a zero overhead: a renamed method fails here (AttributeError) instead
+        for target, names in ((strategy.engine, _ENGINE_CALLS), (strategy, _STRATEGY_CALLS)):
+            for name in names:
+                setattr(target, name, self._timed(name, getattr(target, name)))
 
     def _timed(self, name: str, call: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -225,8 +222,7 @@ def run_method(method: Method, config: BenchConfig, out: Path) -> dict[str, Any]
     by_call: dict[str, float] = {}
     for step in clock.overhead_by_call[config.warmup :]:
         for name, seconds in step.items():
-            key = name.removeprefix("_badam_")
-            by_call[key] = by_call.get(key, 0.0) + seconds
+            by_call[name] = by_call.get(name, 0.0) + seconds
     peak = memory.get("peak")
     strategy = trainer.strategy
     row: dict[str, Any] = {

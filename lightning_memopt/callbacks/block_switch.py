@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -14,7 +15,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.sampling import importance_probabilities, sample_blocks, update_score
-from lightning_memopt.strategies.badam import BlockCoordinateMixin, block_strategy
+from lightning_memopt.strategies.badam import BlockStrategy, block_strategy
 
 __all__ = ["ORDERS", "BlockSwitch"]
 
@@ -109,10 +110,10 @@ class BlockSwitch(Callback):
         self.score_clip = _check_number("score_clip", score_clip, low=1.0)
         self.floor = _check_number("floor", floor, low=0.0, high=1.0)
         self._num_blocks: int | None = None
-        self._segment = 0  # number of completed switches: steps [segment*every, (segment+1)*every) train `_current`
-        self._current: int | None = None
-        self._current_set: tuple[int, ...] = ()  # what trains; (`_current`,) unless importance drew several blocks
-        self._pass: list[int] = []  # the random order's current permutation; `_current` was popped from its front
+        self._segment = 0  # number of completed switches: steps [segment*every, (segment+1)*every) train `_active`
+        self._active: int | None = None
+        self._active_set: tuple[int, ...] = ()  # what trains; (`_active`,) unless importance drew several blocks
+        self._pass: list[int] = []  # the random order's current permutation; `_active` was popped from its front
         self._generator = torch.Generator().manual_seed(seed)
         self._restored = False
         # importance order: a score per block (None: never visited), observations not folded into them yet (kept as
@@ -132,15 +133,27 @@ class BlockSwitch(Callback):
         return text + ")"
 
     @property
+    def active_block(self) -> int | None:
+        """Index of the block the schedule makes active for the current step (the lowest of a set; ``None`` before
+        fit starts): the strategy's ``active_block`` once the step has started."""
+        return self._active
+
+    @property
+    def active_blocks(self) -> tuple[int, ...]:
+        """All blocks the schedule makes active for the current step (one, unless importance drew a set)."""
+        return self._active_set
+
+    @property
     def current_block(self) -> int | None:
-        """Index of the block the schedule has chosen for the current step (the lowest of a set; ``None`` before fit
-        starts)."""
-        return self._current
+        """Deprecated name of :attr:`active_block`."""
+        warnings.warn("BlockSwitch.current_block is now BlockSwitch.active_block", DeprecationWarning, stacklevel=2)
+        return self._active
 
     @property
     def current_blocks(self) -> tuple[int, ...]:
-        """All blocks the schedule has chosen for the current step (one, unless importance drew a set)."""
-        return self._current_set
+        """Deprecated name of :attr:`active_blocks`."""
+        warnings.warn("BlockSwitch.current_blocks is now BlockSwitch.active_blocks", DeprecationWarning, stacklevel=2)
+        return self._active_set
 
     @property
     def scores(self) -> list[float | None]:
@@ -238,10 +251,10 @@ class BlockSwitch(Callback):
         if self.order == "importance":
             self._setup_importance(strategy, pl_module)
         if not self._restored:
-            self._current_set = self._first_set(num_blocks)
-            self._current = self._current_set[0]
-        assert self._current is not None
-        strategy.activate(self._current_set)
+            self._active_set = self._first_set(num_blocks)
+            self._active = self._active_set[0]
+        assert self._active is not None
+        strategy.activate(self._active_set)
         self._announce(strategy, trainer, verb="resumes with" if self._restored else "starts with")
 
     def _setup_importance(self, strategy: Any, pl_module: LightningModule) -> None:
@@ -291,7 +304,7 @@ class BlockSwitch(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         strategy = _badam_strategy(trainer)
-        assert self._current is not None and self._num_blocks is not None
+        assert self._active is not None and self._num_blocks is not None
         target = trainer.global_step // self.every
         switched = False
         if self.order == "importance" and self._segment < target:
@@ -301,29 +314,29 @@ class BlockSwitch(Callback):
             self._scores = list(trainer.strategy.broadcast(self._scores, src=0))
         while self._segment < target:
             self._segment += 1
-            nxt = self._next_set(self._current_set, self._num_blocks)
-            switched = switched or nxt != self._current_set
-            self._current_set = nxt
-            self._current = nxt[0]
-        if tuple(strategy.active_blocks) != self._current_set:
-            strategy.activate(self._current_set)
+            nxt = self._next_set(self._active_set, self._num_blocks)
+            switched = switched or nxt != self._active_set
+            self._active_set = nxt
+            self._active = nxt[0]
+        if tuple(strategy.active_blocks) != self._active_set:
+            strategy.activate(self._active_set)
         if switched:
             self._announce(strategy, trainer, verb="switched to")
-        pl_module.log("badam/block", float(self._current), prog_bar=True, on_step=True, on_epoch=False, logger=True)
+        pl_module.log("badam/block", float(self._active), prog_bar=True, on_step=True, on_epoch=False, logger=True)
 
     def _announce(self, strategy: Any, trainer: Trainer, verb: str) -> None:
-        assert self._current is not None
+        assert self._active is not None
         # on resume, on_fit_start runs before the loops restore global_step: the schedule knows the segment's start
         step = trainer.global_step if verb == "switched to" else self._segment * self.every
         where = "at step" if verb != "resumes with" else "in the segment starting at step"
-        if len(self._current_set) == 1:
-            name = strategy.blocks[self._current].name
-            what = f"block {self._current}/{len(strategy.blocks)} ({name!r})"
+        if len(self._active_set) == 1:
+            name = strategy.blocks[self._active].name
+            what = f"block {self._active}/{len(strategy.blocks)} ({name!r})"
         else:
-            names = ", ".join(repr(strategy.blocks[i].name) for i in self._current_set[:3])
-            more = ", ..." if len(self._current_set) > 3 else ""
-            size = sum(self._sizes[i] for i in self._current_set)
-            what = f"{len(self._current_set)} blocks {list(self._current_set)} of {len(strategy.blocks)} "
+            names = ", ".join(repr(strategy.blocks[i].name) for i in self._active_set[:3])
+            more = ", ..." if len(self._active_set) > 3 else ""
+            size = sum(self._sizes[i] for i in self._active_set)
+            what = f"{len(self._active_set)} blocks {list(self._active_set)} of {len(strategy.blocks)} "
             what += f"({names}{more}; {size:,} parameters)"
         rank_zero_info(f"BAdam {verb} {what} {where} {step}")
 
@@ -335,13 +348,13 @@ class BlockSwitch(Callback):
             "order": self.order,
             "num_blocks": self._num_blocks,
             "segment": self._segment,
-            "current": self._current,
+            "current": self._active,
             "pass": list(self._pass),
             "generator": self._generator.get_state(),
         }
         if self.order == "importance":
             self._fold()
-            state["current_set"] = list(self._current_set)
+            state["current_set"] = list(self._active_set)
             state["scores"] = list(self._scores)
         return state
 
@@ -354,14 +367,14 @@ class BlockSwitch(Callback):
             )
         self._num_blocks = state_dict["num_blocks"]
         self._segment = int(state_dict["segment"])
-        self._current = state_dict["current"]
+        self._active = state_dict["current"]
         self._pass = [int(i) for i in state_dict["pass"]]
         self._generator.set_state(state_dict["generator"])
         # checkpoints written before the importance order have one block and no scores
         current_set = state_dict.get("current_set")
         if current_set is None:
-            current_set = [] if self._current is None else [self._current]
-        self._current_set = tuple(int(i) for i in current_set)
+            current_set = [] if self._active is None else [self._active]
+        self._active_set = tuple(int(i) for i in current_set)
         self._scores = [None if s is None else float(s) for s in state_dict.get("scores", [])]
         self._pending = []
         self._restored = True
@@ -411,7 +424,7 @@ def _check_number(
     return float(value)
 
 
-def _badam_strategy(trainer: Trainer) -> BlockCoordinateMixin:
+def _badam_strategy(trainer: Trainer) -> BlockStrategy:
     strategy = block_strategy(trainer)
     if strategy is None:
         raise MisconfigurationException(

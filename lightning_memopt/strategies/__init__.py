@@ -2,7 +2,13 @@
 
 from typing import Any
 
-from lightning_memopt.strategies.badam import BAdamStrategy, BlockCoordinateMixin, block_strategy
+from lightning_memopt.strategies.badam import (
+    BAdamStrategy,
+    BlockCoordinateMixin,
+    BlockOptions,
+    BlockStrategy,
+    block_strategy,
+)
 from lightning_memopt.strategies.badam_ddp import BAdamDDPStrategy
 from lightning_memopt.strategies.badam_fsdp import BAdamFSDPStrategy
 
@@ -12,11 +18,13 @@ __all__ = [
     "BAdamFSDPStrategy",
     "BAdamStrategy",
     "BlockCoordinateMixin",
+    "BlockOptions",
+    "BlockStrategy",
     "block_strategy",
     "register",
 ]
 
-STRATEGIES: tuple[type[BlockCoordinateMixin], ...] = (BAdamStrategy, BAdamDDPStrategy, BAdamFSDPStrategy)
+STRATEGIES: tuple[type[BlockStrategy], ...] = (BAdamStrategy, BAdamDDPStrategy, BAdamFSDPStrategy)
 """Every BAdam strategy, in the order they are registered."""
 
 

@@ -9,10 +9,12 @@ are re-pointed at the active block's masters, so LR schedulers, ``LearningRateMo
 
 from __future__ import annotations
 
+import difflib
 import sys
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypedDict
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -26,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from torch.utils.hooks import RemovableHandle
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_memopt.blocks import (
     GRANULARITIES,
@@ -36,29 +38,88 @@ from lightning_memopt.blocks import (
     partition,
 )
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.engine import BlockEngine, BlockEngineError
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
-__all__ = ["BAdamStrategy", "BlockCoordinateMixin", "block_strategy"]
+__all__ = ["BAdamStrategy", "BlockCoordinateMixin", "BlockOptions", "BlockStrategy", "block_strategy"]
 
 _CKPT_KEY = "badam"
-_CKPT_FORMAT = 1
 
 
-def _needs_master(param: Tensor) -> bool:
-    # FP32/FP64 weights are their own masters: no copy, and 32-true BAdam equals the plain optimizer exactly
-    return param.dtype not in (torch.float32, torch.float64)
+class BlockOptions(TypedDict, total=False):
+    """The block options every BAdam strategy takes, as keyword arguments (``BAdamStrategy(include_lm_head=True)``,
+    or ``init_args`` in YAML); the defaults are in brackets.
+
+    Args:
+        block_prefixes: explicit blocks, one entry per block: a dotted name prefix or a list of prefixes. ``None``
+            [default] finds the repeated layers and makes one block per layer.
+        block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block
+            [``None``].
+        include_embedding: with automatic blocks, also train the embeddings as a block of their own [``False``].
+        include_lm_head: with automatic blocks, also train the output head and the final norm (a tied head through
+            its shared weight) as a last block [``False``].
+        granularity: with automatic blocks, ``"layer"`` [default] (one block per repeated layer), ``"module"`` (per
+            attention, MLP, norm of each layer) or ``"matrix"`` (per parameter tensor); see
+            :func:`lightning_memopt.blocks.partition`. Finer blocks pair with ``BlockSwitch(order="importance",
+            budget=...)``, which activates several at a time.
+        layers_per_block: with automatic blocks, blocks of this many consecutive layers [1]: more of the model trains
+            per step, for proportionally more FP32 state.
+        keep_optimizer_state: keep each block's optimizer state across switches [``False``]: costs its memory for
+            every visited block; the paper resets it.
+        active_input_requires_grad: make the active block's input require grad, which reentrant gradient
+            checkpointing needs to reach the block. ``None`` [default] turns it on when a module has
+            ``gradient_checkpointing=True``.
+        max_nonfinite_steps: with ``bf16-true``/``32-true``, a step whose gradients hold inf/NaN is skipped with a
+            warning; this many in a row [5] stop the run with an error. (``16-true``'s loss scaler skips such steps
+            and lowers its scale instead.) Data parallel strategies decide after the all-reduce, so the same on every
+            rank.
+
+    Example::
+
+        options: BlockOptions = {"granularity": "module", "include_lm_head": True}
+        BAdamStrategy(**options), BAdamDDPStrategy(**options)
+    """
+
+    block_prefixes: Sequence[str | Sequence[str]] | None
+    block_regexes: Sequence[str] | None
+    include_embedding: bool
+    include_lm_head: bool
+    granularity: Granularity
+    layers_per_block: int
+    keep_optimizer_state: bool
+    active_input_requires_grad: bool | None
+    max_nonfinite_steps: int
 
 
-class BlockCoordinateMixin(Strategy):
-    """The block bookkeeping shared by the BAdam strategies: half weights, the active block's masters, re-pointing.
+_DEFAULT_OPTIONS: dict[str, Any] = {
+    "block_prefixes": None,
+    "block_regexes": None,
+    "include_embedding": False,
+    "include_lm_head": False,
+    "granularity": "layer",
+    "layers_per_block": 1,
+    "keep_optimizer_state": False,
+    "active_input_requires_grad": None,
+    "max_nonfinite_steps": 5,
+}
+assert set(_DEFAULT_OPTIONS) == set(BlockOptions.__annotations__)
 
-    Mix it in before a Lightning strategy (``class S(BlockCoordinateMixin, SingleDeviceStrategy)``): its hooks wrap
-    the strategy's own. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch` calls
-    :meth:`activate`. Subclasses may override :meth:`_badam_after_closure` to communicate master gradients.
+
+class BlockStrategy(Strategy):
+    """The base of the BAdam strategies: a Lightning adapter around a :class:`~lightning_memopt.engine.BlockEngine`.
+
+    Mix it in before a Lightning strategy (``class S(BlockStrategy, SingleDeviceStrategy)``): its hooks wrap the
+    strategy's own and call the engine (grads to masters after each backward, masters to weights after the step, the
+    engine's part of checkpoints). It also carries the small protocol callbacks use (:func:`block_strategy` finds it):
+    :attr:`blocks`, :attr:`active_blocks`, :attr:`master_params`, :attr:`step_skipped`, :meth:`activate`,
+    :meth:`register_activation_hook`. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch`
+    calls :meth:`activate`. Subclasses set :attr:`engine_class` for what sharding changes and may override
+    :meth:`_badam_after_closure` to communicate master gradients.
     """
 
     strategy_name: str
     strategy_description: str
+    engine_class: type[BlockEngine] = BlockEngine
 
     @classmethod
     @override
@@ -67,47 +128,38 @@ class BlockCoordinateMixin(Strategy):
         if cls.strategy_name not in strategy_registry:
             strategy_registry.register(cls.strategy_name, cls, description=cls.strategy_description)
 
-    def _badam_init(
-        self,
-        block_prefixes: Sequence[str | Sequence[str]] | None,
-        block_regexes: Sequence[str] | None,
-        include_embedding: bool,
-        include_lm_head: bool,
-        keep_optimizer_state: bool,
-        active_input_requires_grad: bool | None,
-        max_nonfinite_steps: int,
-        granularity: Granularity = "layer",
-        layers_per_block: int = 1,
-    ) -> None:
+    def _badam_init(self, options: Mapping[str, Any]) -> None:
+        unknown = [k for k in options if k not in _DEFAULT_OPTIONS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(_DEFAULT_OPTIONS), n=1)
+            raise TypeError(
+                f"{type(self).__name__} got an unexpected option {unknown[0]!r}"
+                + (f"; did you mean {close[0]!r}?" if close else ".")
+                + f" Its block options are: {', '.join(_DEFAULT_OPTIONS)}."
+            )
+        settings = {**_DEFAULT_OPTIONS, **options}
+        granularity = settings["granularity"]
         if granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity={granularity!r} is not known; choose one of {', '.join(map(repr, GRANULARITIES))}."
             )
+        _check_layers_per_block(settings["layers_per_block"])
+        limit = settings["max_nonfinite_steps"]
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 1 but is: {limit!r}")
+        self.block_prefixes: Sequence[str | Sequence[str]] | None = settings["block_prefixes"]
+        self.block_regexes: Sequence[str] | None = settings["block_regexes"]
+        self.include_embedding: bool = settings["include_embedding"]
+        self.include_lm_head: bool = settings["include_lm_head"]
         self.granularity: Granularity = granularity
-        _check_layers_per_block(layers_per_block)
-        self.layers_per_block = layers_per_block
-        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be an int >= 1 but is: {max_nonfinite_steps!r}")
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.layers_per_block: int = settings["layers_per_block"]
+        self.keep_optimizer_state: bool = settings["keep_optimizer_state"]
+        self.active_input_requires_grad: bool | None = settings["active_input_requires_grad"]
+        self.max_nonfinite_steps: int = limit
         self._nonfinite_in_a_row = 0
-        self.block_prefixes = block_prefixes
-        self.block_regexes = block_regexes
-        self.include_embedding = include_embedding
-        self.include_lm_head = include_lm_head
-        self.keep_optimizer_state = keep_optimizer_state
-        self.active_input_requires_grad = active_input_requires_grad
         self._blocks: list[Block] = []
         self._partitioned = False  # whether _blocks belong to the current fit
-        self._active: int | None = None
-        self._active_set: tuple[int, ...] = ()
-        self._params: dict[str, nn.Parameter] = {}
-        self._masters: dict[str, nn.Parameter] = {}
-        self._group_members: list[list[str]] = []
-        self._original_requires_grad: dict[str, bool] = {}
-        self._stash: dict[str, dict[str, Any]] = {}
-        self._input_hooks: list[RemovableHandle] = []
-        self._disabled_input_grad_hooks: list[nn.Module] = []
-        self._pending_ckpt: dict[str, Any] | None = None
+        self._engine: BlockEngine | None = None  # one per fit, kept after it (a checkpoint after fit still resumes)
         self._ready = False
         self._activation_hooks: OrderedDict[int, Callable[[Any, int], None]] = OrderedDict()
         self._step_skipped = False
@@ -115,8 +167,20 @@ class BlockCoordinateMixin(Strategy):
     # ----------------------------------------------------------------------------------------------- public surface
     # What callbacks use to talk to a BAdam strategy (find it with :func:`block_strategy`): the blocks, which are
     # active, their masters, whether this step was skipped, and a hook on every activation.
-    shards_parameters: bool = False
-    r"""Whether parameters, masters and their gradients are shards (``DTensor``\ s) on each rank."""
+    @property
+    def shards_parameters(self) -> bool:
+        r"""Whether parameters, masters and their gradients are shards (``DTensor``\ s) on each rank."""
+        return self.engine_class.sharded
+
+    @property
+    def engine(self) -> BlockEngine:
+        """The block engine of this fit (see :mod:`lightning_memopt.engine`); set up by ``trainer.fit``."""
+        if self._engine is None:
+            raise RuntimeError(
+                "The BAdam strategy is not set up yet: its block engine exists once trainer.fit() has started "
+                "(from a callback's on_fit_start or later)."
+            )
+        return self._engine
 
     @property
     def step_skipped(self) -> bool:
@@ -134,13 +198,14 @@ class BlockCoordinateMixin(Strategy):
     def active_block(self) -> int | None:
         """Index into :attr:`blocks` of the block being trained (the lowest one when several are active), or ``None``
         before the first activation."""
-        return self._active
+        active = self.active_blocks
+        return active[0] if active else None
 
     @property
     def active_blocks(self) -> tuple[int, ...]:
         """Indices of all blocks being trained, ascending (one, unless a set was activated); empty before the first
         activation."""
-        return self._active_set
+        return self._engine.active if self._engine is not None else ()
 
     @property
     def param_group_names(self) -> list[list[str]]:
@@ -149,12 +214,12 @@ class BlockCoordinateMixin(Strategy):
         BAdam re-points ``param_groups`` at the active masters only; this says which group (and so which lr) a
         parameter belongs to while it is inactive.
         """
-        return [list(members) for members in self._group_members]
+        return [list(members) for members in self._engine.group_members] if self._engine is not None else []
 
     @property
     def master_params(self) -> dict[str, nn.Parameter]:
         """The active block's FP32 master weights by parameter name (FP32 weights are their own masters)."""
-        return dict(self._masters)
+        return dict(self._engine.masters) if self._engine is not None else {}
 
     def activate(self, index: int | Sequence[int]) -> None:
         """Make block ``index`` the trainable one, or, given several indices, that set of blocks together.
@@ -168,40 +233,7 @@ class BlockCoordinateMixin(Strategy):
                 "The BAdam strategy is not set up yet: blocks can be activated once trainer.fit() has started "
                 "(from a callback's on_fit_start or later)."
             )
-        indices = (index,) if isinstance(index, int) else tuple(sorted(set(index)))
-        if not indices:
-            raise ValueError("activate() needs at least one block index.")
-        for i in indices:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._blocks):
-                raise IndexError(f"Block index {i!r} is out of range: the model has {len(self._blocks)} blocks.")
-        if indices == self._active_set:
-            return
-        optimizer = self._badam_optimizer()
-        if self._active is not None:
-            self._deactivate(optimizer)
-        for name in (n for i in indices for n in self._blocks[i].param_names):
-            param = self._params[name]
-            param.grad = None
-            param.requires_grad_(True)
-            if _needs_master(param):
-                master = nn.Parameter(param.detach().to(dtype=torch.float32, copy=True))
-            else:
-                master = param
-            self._masters[name] = master
-        for group, members in zip(optimizer.param_groups, self._group_members, strict=True):
-            group["params"] = [self._masters[n] for n in members if n in self._masters]
-        if self.keep_optimizer_state:
-            for name, master in self._masters.items():
-                if name in self._stash:
-                    optimizer.state[master] = {
-                        k: self._badam_like(v, master) if isinstance(v, Tensor) and v.shape == master.shape else v
-                        for k, v in self._stash.pop(name).items()
-                    }
-        self._active = indices[0]
-        self._active_set = indices
-        self._update_input_hooks()
-        for hook in list(self._activation_hooks.values()):
-            hook(self, self._active)
+        self.engine.activate((index,) if isinstance(index, int) else tuple(index))
 
     def register_activation_hook(self, hook: Callable[[Any, int], None], *, run_now: bool = False) -> RemovableHandle:
         """Call ``hook(strategy, index)`` after every block activation (the new masters exist and the optimizer's param
@@ -218,29 +250,16 @@ class BlockCoordinateMixin(Strategy):
         handle = RemovableHandle(self._activation_hooks)
         self._activation_hooks[handle.id] = hook
         if run_now:
-            hook(self, self._active)  # type: ignore[arg-type]
+            hook(self, self.active_block)  # type: ignore[arg-type]
         return handle
 
     # ------------------------------------------------------------------------------------------------- internals
+    def _run_activation_hooks(self, index: int) -> None:
+        for hook in list(self._activation_hooks.values()):
+            hook(self, index)
+
     def _badam_optimizer(self) -> Optimizer:
         return self.optimizers[0]
-
-    def _deactivate(self, optimizer: Optimizer) -> None:
-        if self.keep_optimizer_state:
-            for name, master in self._masters.items():
-                if master in optimizer.state:
-                    self._stash[name] = optimizer.state[master]
-        # a fresh state dict: leftover keys of dropped masters would keep them alive and break state_dict()
-        optimizer.state = defaultdict(dict)
-        for name in self._masters:
-            param = self._params[name]
-            param.grad = None
-            param.requires_grad_(False)
-        self._masters.clear()
-        for group in optimizer.param_groups:
-            group["params"] = []
-        self._active = None
-        self._active_set = ()
 
     def _badam_check_precision(self) -> None:
         self.precision_plugin = resolve_precision_plugin(self.precision_plugin)
@@ -265,52 +284,24 @@ class BlockCoordinateMixin(Strategy):
                 "BAdam cannot drive LBFGS: it re-evaluates the loss inside step() while the active block changes "
                 "between steps. Use a first-order optimizer such as torch.optim.AdamW or SGD."
             )
-        self._partition(module)
-        self._params = dict(module.named_parameters())
-        self._original_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
-        names_by_id = {id(p): n for n, p in self._params.items()}
-        self._group_members = []
-        for i, group in enumerate(optimizer.param_groups):
-            members = []
-            for p in group["params"]:
-                if id(p) not in names_by_id:
-                    raise MisconfigurationException(
-                        f"Param group {i} of {type(optimizer).__name__} holds a tensor of shape {tuple(p.shape)} that "
-                        "is not a parameter of the LightningModule. BAdam can only train the module's own parameters: "
-                        "build the optimizer from self.parameters() or self.named_parameters()."
-                    )
-                members.append(names_by_id[id(p)])
-            self._group_members.append(members)
-        in_optimizer = {n for members in self._group_members for n in members}
-        in_blocks = {n for b in self._blocks for n in b.param_names}
-        not_optimized = [n for n in in_blocks if n not in in_optimizer]
-        if not_optimized:
-            raise MisconfigurationException(
-                f"{len(not_optimized)} parameters of the BAdam blocks are not in the optimizer (e.g. "
-                f"{not_optimized[0]!r}). Pass every parameter you want to train to the optimizer, or restrict the "
-                "blocks with block_prefixes=[...]."
+        blocks = self._partition(module)
+        input_grad = self._wants_input_grad(module)
+        with _misconfiguration():
+            engine = self.engine_class(
+                module,
+                blocks,
+                optimizer,
+                keep_optimizer_state=self.keep_optimizer_state,
+                input_requires_grad=input_grad,
             )
-        outside = [n for n, p in self._params.items() if p.requires_grad and n not in in_blocks]
-        for param in self._params.values():
-            param.requires_grad_(False)
-            param.grad = None
-        for group in optimizer.param_groups:
-            group["params"] = []
-        optimizer.state = defaultdict(dict)
-        self._disabled_input_grad_hooks = []
-        if self.active_input_requires_grad is not False and self._wants_input_grad():
-            # transformers' gradient checkpointing makes the embedding output require grad, so backward would run
-            # through every frozen layer below the active block; our hook on the active block's input suffices
-            for sub in module.modules():
-                disable = getattr(sub, "disable_input_require_grads", None)
-                if getattr(sub, "_require_grads_hooks", None) and callable(disable):
-                    disable()
-                    self._disabled_input_grad_hooks.append(sub)
+        engine.on_activate = self._run_activation_hooks
+        self._engine = engine
         self._ready = True
-        sizes = [sum(self._params[n].numel() for n in b.param_names) for b in self._blocks]
+        sizes = [sum(engine.params[n].numel() for n in b.param_names) for b in blocks]
+        outside = engine.frozen_outside
         explicit = self.block_prefixes is not None or self.block_regexes is not None
         rank_zero_info(
-            f"BAdam: {len(self._blocks)} blocks of {min(sizes):,}-{max(sizes):,} parameters"
+            f"BAdam: {len(blocks)} blocks of {min(sizes):,}-{max(sizes):,} parameters"
             + (f"; {len(outside)} parameters outside every block stay frozen (e.g. {outside[0]!r})" if outside else "")
         )
         if outside and explicit:
@@ -320,53 +311,11 @@ class BlockCoordinateMixin(Strategy):
                 f"block_regexes and stay frozen for the whole run: {_first_names(outside)}. Add them to a block to "
                 "train them, or set requires_grad=False on them to say that they are frozen on purpose."
             )
-        _warn_if_compiled(module, len(self._blocks))
+        _warn_if_compiled(module, len(blocks))
 
-    def _badam_grads_to_masters(self) -> None:
-        for name, master in self._masters.items():
-            param = self._params[name]
-            if master is param or param.grad is None:
-                continue
-            grad = param.grad
-            param.grad = None
-            if master.grad is None:
-                master.grad = grad.to(dtype=torch.float32)
-            else:
-                master.grad.add_(grad)
-
-    @torch.no_grad()
-    def _badam_masters_to_weights(self) -> None:
-        pairs = [(self._params[n], m) for n, m in self._masters.items() if m is not self._params[n]]
-        if not pairs:
-            return
-        if not self._badam_all_finite([m for _, m in pairs]):
-            # never let a NaN reach the half weights: they still hold the last finite update
-            raise RuntimeError(
-                "BAdam: the optimizer produced inf/NaN master weights from finite gradients, so the half-precision "
-                "weights were not updated. Lower the learning rate or check the optimizer's settings (eps, weight "
-                "decay), then resume from the last checkpoint."
-            )
-        for param, master in pairs:
-            param.copy_(master)
-
-    def _update_input_hooks(self) -> None:
-        for handle in self._input_hooks:
-            handle.remove()
-        self._input_hooks = []
-        if self._active is None or not self._wants_input_grad():
-            return
-        module = self.lightning_module
-        assert module is not None
-        paths = [path for i in self._active_set for path in self._blocks[i].module_paths]
-        for path in dict.fromkeys(paths):
-            sub = module.get_submodule(path)
-            self._input_hooks.append(sub.register_forward_pre_hook(_make_input_require_grad, with_kwargs=True))
-
-    def _wants_input_grad(self) -> bool:
+    def _wants_input_grad(self, module: nn.Module) -> bool:
         if self.active_input_requires_grad is not None:
             return self.active_input_requires_grad
-        module = self.lightning_module
-        assert module is not None
         # Hugging Face marks layers with gradient_checkpointing=True; reentrant checkpointing of a layer whose input
         # does not require grad returns an output without grad, so the active block would get no gradient at all
         return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
@@ -386,27 +335,6 @@ class BlockCoordinateMixin(Strategy):
             )
             self._partitioned = True
         return self._blocks
-
-    def _badam_teardown(self) -> None:
-        self._partitioned = False  # the blocks stay readable; the next fit partitions again
-        for handle in self._input_hooks:
-            handle.remove()
-        self._input_hooks = []
-        if not self._ready:
-            return
-        # The active block's masters and optimizer state stay (on the CPU, like the model after fit), so that
-        # `trainer.save_checkpoint(...)` after fit writes the same resumable state as a checkpoint at the last step.
-        with torch.no_grad():
-            for name, master in self._masters.items():
-                if master is not self._params[name]:
-                    master.data = master.data.cpu()
-                    if master.grad is not None:
-                        master.grad = master.grad.cpu()
-        for name, param in self._params.items():
-            param.requires_grad_(self._original_requires_grad.get(name, True))
-        for sub in self._disabled_input_grad_hooks:
-            sub.enable_input_require_grads()  # type: ignore[operator]
-        self._disabled_input_grad_hooks = []
 
     # ------------------------------------------------------------------------------------------ strategy hooks
     @override
@@ -452,7 +380,7 @@ class BlockCoordinateMixin(Strategy):
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
-        self._badam_grads_to_masters()
+        self.engine.grads_to_masters()
 
     @override
     def optimizer_step(
@@ -472,25 +400,15 @@ class BlockCoordinateMixin(Strategy):
             return result
 
         output = super().optimizer_step(optimizer, closure_then_hook, model, **kwargs)
-        self._badam_masters_to_weights()
+        self.engine.masters_to_weights()
         return output
 
-    def _badam_all_finite(self, tensors: Sequence[Tensor]) -> bool:
-        """Whether every tensor is finite (on every rank, for strategies whose tensors are shards)."""
-        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
-
-    def _badam_like(self, tensor: Tensor, like: Tensor) -> Tensor:
-        """``tensor`` (as saved in a checkpoint) in the layout of ``like`` (sharding strategies re-shard it)."""
-        return tensor
-
     def _badam_skip_nonfinite(self) -> None:
-        grads = [m.grad for m in self._masters.values() if m.grad is not None]
-        if not grads or self._badam_all_finite(grads):
+        engine = self.engine
+        if engine.master_grads_finite():
             self._nonfinite_in_a_row = 0
             return
-        # optimizers skip parameters without a gradient: this step changes no weight, master or optimizer state
-        for master in self._masters.values():
-            master.grad = None
+        engine.drop_master_grads()
         self._step_skipped = True
         self._nonfinite_in_a_row += 1
         module = self.lightning_module
@@ -514,58 +432,9 @@ class BlockCoordinateMixin(Strategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         state: dict[str, Any] = dict(super().optimizer_state(optimizer))
         if self._ready:
-            state = self._badam_full_groups(state)
-            state[_CKPT_KEY] = {**self._badam_state(), "optimizer_groups": "full"}
+            state = self.engine.full_groups(state)
+            state[_CKPT_KEY] = {**self.engine.state_dict(), "optimizer_groups": "full"}
         return state
-
-    def _badam_full_groups(self, compact: Mapping[str, Any]) -> dict[str, Any]:
-        """The optimizer's state dict with every param group listing every parameter it was configured with (state for
-        the active ones), as a plain optimizer over the whole module saves it: a plain strategy can resume from it
-        (continue with full AdamW) and BAdam maps it back to the active masters on load."""
-        full_index = {n: i for i, n in enumerate(n for members in self._group_members for n in members)}
-        active = [n for members in self._group_members for n in members if n in self._masters]
-        groups = [
-            {**group, "params": [full_index[n] for n in members]}
-            for group, members in zip(compact["param_groups"], self._group_members, strict=True)
-        ]
-        # torch numbers the parameters of the re-pointed groups (the active masters) 0, 1, ... in group order
-        state = {full_index[active[i]]: value for i, value in compact["state"].items()}
-        return {**compact, "state": state, "param_groups": groups}
-
-    def _badam_compact_groups(self, full: Mapping[str, Any]) -> dict[str, Any]:
-        """The inverse of :meth:`_badam_full_groups`, once the saved block is active again."""
-        saved_groups = full["param_groups"]
-        if len(saved_groups) != len(self._group_members) or any(
-            len(g["params"]) != len(m) for g, m in zip(saved_groups, self._group_members, strict=True)
-        ):
-            raise MisconfigurationException(
-                "The checkpoint's optimizer has other param groups than configure_optimizers returns now (sizes "
-                f"{[len(g['params']) for g in saved_groups]} in the checkpoint, "
-                f"{[len(m) for m in self._group_members]} now). Resume with the optimizer the checkpoint was written "
-                "with, or start a new run from its weights only."
-            )
-        name_of = {
-            saved: name
-            for group, members in zip(saved_groups, self._group_members, strict=True)
-            for saved, name in zip(group["params"], members, strict=True)
-        }
-        active = [n for members in self._group_members for n in members if n in self._masters]
-        compact_index = {n: i for i, n in enumerate(active)}
-        groups, start = [], 0
-        for group, members in zip(saved_groups, self._group_members, strict=True):
-            count = sum(n in self._masters for n in members)
-            groups.append({**group, "params": list(range(start, start + count))})
-            start += count
-        state = {}
-        for saved, value in full["state"].items():
-            name = name_of[saved]
-            if name not in compact_index:
-                raise MisconfigurationException(
-                    f"The checkpoint holds optimizer state for {name!r}, which is not in the active block(s) "
-                    f"{[self._blocks[i].name for i in self._active_set]!r}: it was written by another run."
-                )
-            state[compact_index[name]] = value
-        return {**full, "state": state, "param_groups": groups}
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -578,60 +447,31 @@ class BlockCoordinateMixin(Strategy):
             )
         first = dict(states[0])
         badam = first.pop(_CKPT_KEY)
-        self._badam_load_state(badam)
-        if badam.get("optimizer_groups") == "full":  # older checkpoints saved the active masters' groups only
-            first = self._badam_compact_groups(first)
+        with _misconfiguration():
+            self.engine.load_state_dict(badam)
+            if badam.get("optimizer_groups") == "full":  # older checkpoints saved the active masters' groups only
+                first = self.engine.compact_groups(first)
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": [first, *states[1:]]})
 
     @override
     def teardown(self) -> None:
-        self._badam_teardown()
+        self._partitioned = False  # the blocks stay readable; the next fit partitions again
+        if self._ready:
+            self.engine.release()
         super().teardown()
 
-    # --------------------------------------------------------------------------------------------- checkpointing
-    def _badam_state(self) -> dict[str, Any]:
-        masters = {n: m.detach().clone() for n, m in self._masters.items() if m is not self._params[n]}
-        state: dict[str, Any] = {
-            "format": _CKPT_FORMAT,
-            "block_names": [b.name for b in self._blocks],
-            "active_block": self._active,
-            # a set of blocks (BlockSwitch's budget); checkpoints without this key hold one block
-            "active_blocks": list(self._active_set),
-            "masters": masters,
-        }
-        if self.keep_optimizer_state:
-            state["stash"] = {n: dict(s) for n, s in self._stash.items()}
-        return state
 
-    def _badam_load_state(self, state: Mapping[str, Any]) -> None:
-        names = [b.name for b in self._blocks]
-        saved = [str(n) for n in state.get("block_names", [])]
-        if saved != names:
-            if len(saved) != len(names):
-                difference = f"the checkpoint has {len(saved)} blocks, this run {len(names)}"
-            else:
-                i = next(i for i, (a, b) in enumerate(zip(saved, names, strict=True)) if a != b)
-                difference = (
-                    f"{len(names)} blocks in both, but block {i} is {saved[i]!r} in the checkpoint and {names[i]!r} now"
-                )
-            raise MisconfigurationException(
-                f"The checkpoint was written with another BAdam block layout ({difference}). Resume with the same "
-                "block_prefixes / block_regexes / include_embedding / include_lm_head / granularity / "
-                "layers_per_block, or start a new run from the checkpoint's weights only."
-            )
-        active = state.get("active_block")
-        active_set = tuple(int(i) for i in state.get("active_blocks", [] if active is None else [active]))
-        if active_set and active_set != self._active_set:
-            self.activate(active_set)
-        with torch.no_grad():
-            for name, tensor in state.get("masters", {}).items():
-                if name not in self._masters:
-                    raise MisconfigurationException(
-                        f"The checkpoint holds a master weight for {name!r}, which is not in the active block(s) "
-                        f"{[self._blocks[i].name for i in self._active_set]!r}."
-                    )
-                self._masters[name].copy_(self._badam_like(tensor, self._masters[name]))
-        self._stash = {n: dict(s) for n, s in state.get("stash", {}).items()}
+BlockCoordinateMixin = BlockStrategy
+"""The former name of :class:`BlockStrategy` (kept for code written against 0.x)."""
+
+
+@contextmanager
+def _misconfiguration() -> Generator[None, None, None]:
+    # the engine is Lightning-free: its errors become Lightning's configuration error at the adapter
+    try:
+        yield
+    except BlockEngineError as err:
+        raise MisconfigurationException(str(err)) from err
 
 
 def _first_names(names: Sequence[str], limit: int = 3) -> str:
@@ -673,20 +513,7 @@ def _warn_if_compiled(module: nn.Module, num_blocks: int) -> None:
     )
 
 
-def _make_input_require_grad(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    if not torch.is_grad_enabled():
-        return None
-    if args and isinstance(args[0], Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
-        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-    hidden = kwargs.get("hidden_states")
-    if isinstance(hidden, Tensor) and hidden.is_floating_point() and not hidden.requires_grad:
-        return args, {**kwargs, "hidden_states": hidden.detach().requires_grad_(True)}
-    return None
-
-
-class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
+class BAdamStrategy(BlockStrategy, SingleDeviceStrategy):
     """BAdam on one device: half-precision weights, FP32 masters and optimizer state for the active block only.
 
     Use ``precision="bf16-true"`` (or ``"16-true"``, with loss scaling on the FP32 master gradients, or ``"32-true"``).
@@ -694,37 +521,22 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
     hyper-parameters; its state is reset at every block switch, as in the paper, unless ``keep_optimizer_state``.
     Without a :class:`~lightning_memopt.BlockSwitch` callback a default one (every 100 steps, random order) is added.
 
+    Takes every option of :class:`BlockOptions` as a keyword argument (which parameters form the blocks, optimizer
+    state across switches, input grads for gradient checkpointing, inf/NaN tolerance), and:
+
     Args:
-        block_prefixes: explicit blocks, one entry per block: a dotted name prefix or a list of prefixes.
-            ``None`` finds the repeated layers and makes one block per layer.
-        block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block.
-        include_embedding: with automatic blocks, also train the embeddings as a block of their own.
-        include_lm_head: with automatic blocks, also train the output head and the final norm (a tied head through
-            its shared weight) as a last block.
-        granularity: with automatic blocks, ``"layer"`` (one block per repeated layer), ``"module"`` (per attention,
-            MLP, norm of each layer) or ``"matrix"`` (per parameter tensor); see
-            :func:`lightning_memopt.blocks.partition`. Finer blocks pair with ``BlockSwitch(order="importance",
-            budget=...)``, which activates several at a time.
-        layers_per_block: with automatic blocks, blocks of this many consecutive layers (see
-            :func:`lightning_memopt.blocks.partition`): more of the model trains per step, for proportionally more
-            FP32 state.
-        keep_optimizer_state: keep each block's optimizer state across switches (costs its memory for every visited
-            block; the paper resets it).
-        active_input_requires_grad: make the active block's input require grad, which reentrant gradient checkpointing
-            needs to reach the block. ``None`` turns it on when a module has ``gradient_checkpointing=True``.
-        max_nonfinite_steps: with ``bf16-true``/``32-true``, a step whose gradients hold inf/NaN is skipped with a
-            warning; this many in a row stop the run with an error. (``16-true``'s loss scaler skips such steps and
-            lowers its scale instead.)
         device: the device to train on; by default the one the Trainer's accelerator picked.
+        accelerator: Lightning's accelerator (normally chosen by the Trainer).
         checkpoint_io: how checkpoint files are written; by default
             :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
+        precision_plugin: Lightning's precision plugin (normally from ``Trainer(precision=...)``).
 
     Example::
 
         from lightning.pytorch import Trainer
         from lightning_memopt import BAdamStrategy, BlockSwitch
 
-        trainer = Trainer(strategy=BAdamStrategy(), precision="bf16-true",
+        trainer = Trainer(strategy=BAdamStrategy(include_lm_head=True), precision="bf16-true",
                           callbacks=[BlockSwitch(every=100, order="random")])
         trainer.fit(model)
     """
@@ -734,20 +546,13 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
 
     def __init__(
         self,
-        block_prefixes: Sequence[str | Sequence[str]] | None = None,
-        block_regexes: Sequence[str] | None = None,
-        include_embedding: bool = False,
-        include_lm_head: bool = False,
-        granularity: Granularity = "layer",
-        layers_per_block: int = 1,
-        keep_optimizer_state: bool = False,
-        active_input_requires_grad: bool | None = None,
-        max_nonfinite_steps: int = 5,
         device: str | torch.device | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **block_options: Unpack[BlockOptions],
     ) -> None:
+        self._badam_init(block_options)
         super().__init__(
             device=device if device is not None else "cpu",
             accelerator=accelerator,
@@ -755,17 +560,6 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
             precision_plugin=precision_plugin,
         )
         self._device_given = device is not None
-        self._badam_init(
-            block_prefixes,
-            block_regexes,
-            include_embedding,
-            include_lm_head,
-            keep_optimizer_state,
-            active_input_requires_grad,
-            max_nonfinite_steps,
-            granularity=granularity,
-            layers_per_block=layers_per_block,
-        )
 
     @override
     def setup_environment(self) -> None:
@@ -774,9 +568,9 @@ class BAdamStrategy(BlockCoordinateMixin, SingleDeviceStrategy):
         super().setup_environment()
 
 
-def block_strategy(trainer: Trainer) -> BlockCoordinateMixin | None:
+def block_strategy(trainer: Trainer) -> BlockStrategy | None:
     """The BAdam strategy ``trainer`` runs (``badam``, ``badam_ddp``, ``badam_fsdp``), or ``None`` for any other: how
-    callbacks find the block protocol (:attr:`~BlockCoordinateMixin.blocks`, ``active_blocks``, ``master_params``,
+    callbacks find the block protocol (:attr:`~BlockStrategy.blocks`, ``active_blocks``, ``master_params``,
     ``step_skipped``, ``register_activation_hook``).
 
     Example::
@@ -786,7 +580,7 @@ def block_strategy(trainer: Trainer) -> BlockCoordinateMixin | None:
             print("training", [strategy.blocks[i].name for i in strategy.active_blocks])
     """
     strategy = trainer.strategy
-    return strategy if isinstance(strategy, BlockCoordinateMixin) else None
+    return strategy if isinstance(strategy, BlockStrategy) else None
 
 
 def _trainer_of(strategy: Any) -> Trainer:

@@ -6,7 +6,6 @@ import atexit
 import re
 import subprocess
 import time
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Literal
 
@@ -19,17 +18,16 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
-from lightning_memopt.blocks import Granularity
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
-from lightning_memopt.strategies.badam import BlockCoordinateMixin
+from lightning_memopt.strategies.badam import BlockOptions, BlockStrategy
 from lightning_memopt.strategies.collectives import all_reduce_mean
 
 __all__ = ["BAdamDDPStrategy"]
 
 
-class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
+class BAdamDDPStrategy(BlockStrategy, DDPStrategy):
     """BAdam with data parallelism: every rank trains the same block; only its FP32 gradients are all-reduced.
 
     PyTorch's ``DistributedDataParallel`` builds its reducer over the parameters that require grad when it wraps the
@@ -40,21 +38,10 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
     before unscaling, hooks, clipping and the step. Gradient accumulation communicates only once per step, and an
     inf/NaN on one rank reaches every rank, so a ``16-true`` overflow skips the step everywhere.
 
-    Takes the block options of :class:`~lightning_memopt.BAdamStrategy` and the usual DDP options.
+    Takes every option of :class:`~lightning_memopt.strategies.badam.BlockOptions` as a keyword argument (as
+    :class:`~lightning_memopt.BAdamStrategy` does), the usual DDP options, and:
 
     Args:
-        block_prefixes: explicit blocks, one entry per block (see :func:`lightning_memopt.blocks.partition`).
-        block_regexes: explicit blocks as regular expressions.
-        include_embedding: with automatic blocks, also train the embeddings as a block.
-        include_lm_head: with automatic blocks, also train the output head and the final norm as a last block.
-        granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
-            :class:`~lightning_memopt.BAdamStrategy`).
-        layers_per_block: with automatic blocks, blocks of this many consecutive layers (see
-            :class:`~lightning_memopt.BAdamStrategy`).
-        keep_optimizer_state: keep each block's optimizer state across switches.
-        active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
-        max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`; the decision is the same on every rank,
-            since the gradients are checked after the all-reduce.
         bucket_cap_mb: size of the all-reduce buckets of master gradients, in MiB.
         process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
         timeout: process group timeout: a rank that hangs makes the others fail after this long (one that dies
@@ -78,15 +65,6 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
 
     def __init__(
         self,
-        block_prefixes: Sequence[str | Sequence[str]] | None = None,
-        block_regexes: Sequence[str] | None = None,
-        include_embedding: bool = False,
-        include_lm_head: bool = False,
-        granularity: Granularity = "layer",
-        layers_per_block: int = 1,
-        keep_optimizer_state: bool = False,
-        active_input_requires_grad: bool | None = None,
-        max_nonfinite_steps: int = 5,
         bucket_cap_mb: float = 25.0,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -96,9 +74,11 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **block_options: Unpack[BlockOptions],
     ) -> None:
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0 but is: {bucket_cap_mb}")
+        self._badam_init(block_options)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -110,17 +90,6 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
             start_method=start_method,
         )
         self.bucket_cap_mb = bucket_cap_mb
-        self._badam_init(
-            block_prefixes,
-            block_regexes,
-            include_embedding,
-            include_lm_head,
-            keep_optimizer_state,
-            active_input_requires_grad,
-            max_nonfinite_steps,
-            granularity=granularity,
-            layers_per_block=layers_per_block,
-        )
 
     @override
     def configure_ddp(self) -> None:
@@ -136,7 +105,7 @@ class BAdamDDPStrategy(BlockCoordinateMixin, DDPStrategy):
         if world == 1:
             return
         grads: list[Tensor] = []
-        for master in self._masters.values():
+        for master in self.engine.masters.values():
             if master.grad is None:
                 # a rank whose loss did not reach this parameter still joins the collective, with zeros
                 master.grad = torch.zeros_like(master)

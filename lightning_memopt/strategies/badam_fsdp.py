@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
@@ -18,19 +18,19 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
-from lightning_memopt.blocks import Granularity
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.engine import ShardedBlockEngine
 from lightning_memopt.precision import MasterGradScalerPrecision
-from lightning_memopt.strategies.badam import BlockCoordinateMixin
+from lightning_memopt.strategies.badam import BlockOptions, BlockStrategy
 
 __all__ = ["BAdamFSDPStrategy"]
 
 
-class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
+class BAdamFSDPStrategy(BlockStrategy, DDPStrategy):
     """BAdam on models too large for one GPU: every block's layer is an FSDP2 unit, so all state is sharded.
 
     Each block's module (one transformer layer by default) is wrapped with
@@ -47,19 +47,11 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
     ``precision="16-true"`` is not supported (the loss scaler's overflow check would have to agree across shards);
     use ``bf16-true``.
 
+    Takes every option of :class:`~lightning_memopt.strategies.badam.BlockOptions` as a keyword argument (as
+    :class:`~lightning_memopt.BAdamStrategy` does; with ``granularity="module"``/``"matrix"`` the FSDP units stay whole
+    layers, and a finer block is a part of its layer's unit, whose gradients alone FSDP2 reduce-scatters), and:
+
     Args:
-        block_prefixes: explicit blocks (see :func:`lightning_memopt.blocks.partition`).
-        block_regexes: explicit blocks as regular expressions.
-        include_embedding: with automatic blocks, also train the embeddings as a block.
-        include_lm_head: with automatic blocks, also train the output head and the final norm as a last block.
-        granularity: with automatic blocks, ``"layer"``, ``"module"`` or ``"matrix"`` (see
-            :class:`~lightning_memopt.BAdamStrategy`). The FSDP units stay whole layers whatever the granularity: a
-            finer block is a part of its layer's unit (FSDP2 reduce-scatters the gradients of just that part).
-        layers_per_block: with automatic blocks, blocks of this many consecutive layers (see
-            :class:`~lightning_memopt.BAdamStrategy`).
-        keep_optimizer_state: keep each block's optimizer state across switches.
-        active_input_requires_grad: see :class:`~lightning_memopt.BAdamStrategy`.
-        max_nonfinite_steps: see :class:`~lightning_memopt.BAdamStrategy`.
         reshard_after_forward: FSDP2's option: free the gathered weights after forward (less memory, one more
             all-gather in backward).
         process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
@@ -79,19 +71,10 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
 
     strategy_name = "badam_fsdp"
     strategy_description = "BAdam block coordinate descent on FSDP2-sharded models"
-    shards_parameters = True
+    engine_class = ShardedBlockEngine
 
     def __init__(
         self,
-        block_prefixes: Sequence[str | Sequence[str]] | None = None,
-        block_regexes: Sequence[str] | None = None,
-        include_embedding: bool = False,
-        include_lm_head: bool = False,
-        granularity: Granularity = "layer",
-        layers_per_block: int = 1,
-        keep_optimizer_state: bool = False,
-        active_input_requires_grad: bool | None = None,
-        max_nonfinite_steps: int = 5,
         reshard_after_forward: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -101,7 +84,9 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **block_options: Unpack[BlockOptions],
     ) -> None:
+        self._badam_init(block_options)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -115,17 +100,6 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
         self.reshard_after_forward = reshard_after_forward
         self._mesh: DeviceMesh | None = None
         self._sharded_units: list[nn.Module] = []
-        self._badam_init(
-            block_prefixes,
-            block_regexes,
-            include_embedding,
-            include_lm_head,
-            keep_optimizer_state,
-            active_input_requires_grad,
-            max_nonfinite_steps,
-            granularity=granularity,
-            layers_per_block=layers_per_block,
-        )
 
     @override
     def _badam_check_precision(self) -> None:
@@ -216,47 +190,6 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
             setter(True)
 
     @override
-    def _badam_grads_to_masters(self) -> None:
-        for name, master in self._masters.items():
-            param = self._params[name]
-            grad = param.grad
-            if master is param or grad is None:
-                continue
-            param.grad = None
-            if isinstance(grad, DTensor):
-                # the FP32-reduced gradient arrives on a bf16 parameter: rebuild it with FP32 metadata throughout
-                grad = DTensor.from_local(
-                    grad.to_local().to(torch.float32),
-                    grad.device_mesh,
-                    grad.placements,
-                    run_check=False,
-                    shape=param.shape,
-                    stride=param.stride(),
-                )
-            else:
-                grad = grad.to(torch.float32)
-            if master.grad is None:
-                master.grad = grad
-            else:
-                master.grad.add_(grad)
-
-    @override
-    def _badam_all_finite(self, tensors: Sequence[Tensor]) -> bool:
-        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-        flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.int32).reshape(1)
-        # every rank must take the same decision, and each sees only its shards
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    @override
-    def _badam_like(self, tensor: Tensor, like: Tensor) -> Tensor:
-        if isinstance(like, DTensor) and not isinstance(tensor, DTensor):
-            # every rank loaded the same full tensor: each keeps its own shard, no communication
-            full = tensor.to(device=like.device, dtype=like.dtype)
-            return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
-        return tensor
-
-    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -275,11 +208,9 @@ class BAdamFSDPStrategy(BlockCoordinateMixin, DDPStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         super().load_optimizer_state_dict(checkpoint)
-        optimizer = self._badam_optimizer()
-        for param, param_state in optimizer.state.items():
-            for key, value in list(param_state.items()):
-                if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
-                    param_state[key] = self._badam_like(value, param)
+        engine = self.engine
+        assert isinstance(engine, ShardedBlockEngine)
+        engine.reshard_optimizer_state()
 
 
 def _gather(obj: Any) -> Any:
