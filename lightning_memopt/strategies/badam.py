@@ -14,7 +14,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -167,10 +167,13 @@ class BlockStrategy(Strategy):
     # ----------------------------------------------------------------------------------------------- public surface
     # What callbacks use to talk to a BAdam strategy (find it with :func:`block_strategy`): the blocks, which are
     # active, their masters, whether this step was skipped, and a hook on every activation.
-    @property
-    def shards_parameters(self) -> bool:
-        r"""Whether parameters, masters and their gradients are shards (``DTensor``\ s) on each rank."""
-        return self.engine_class.sharded
+    shards_parameters: ClassVar[bool] = False
+    r"""Whether parameters, masters and their gradients are shards (``DTensor``\ s) on each rank (set from
+    :attr:`engine_class`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.shards_parameters = cls.engine_class.sharded
 
     @property
     def engine(self) -> BlockEngine:
@@ -252,6 +255,19 @@ class BlockStrategy(Strategy):
         if run_now:
             hook(self, self.active_block)  # type: ignore[arg-type]
         return handle
+
+    @property
+    @override
+    def optimizers(self) -> list[Optimizer]:
+        return self._optimizers
+
+    @optimizers.setter
+    def optimizers(self, optimizers: list[Optimizer]) -> None:
+        # a callback may swap the optimizer during fit (EightBitState puts in its 8-bit twin): the engine follows
+        Strategy.optimizers.fset(self, optimizers)  # type: ignore[attr-defined]
+        engine = getattr(self, "_engine", None)
+        if engine is not None and optimizers:
+            engine.optimizer = optimizers[0]
 
     # ------------------------------------------------------------------------------------------------- internals
     def _run_activation_hooks(self, index: int) -> None:

@@ -1,0 +1,155 @@
+"""Every private attribute of another library that the pack reads or writes, in one place.
+
+Each function names the library version its private attribute was checked against and falls back safely where the
+attribute has gone, so an upgrade that renames one breaks this file's tests rather than a user's run. Nothing else in
+the package touches another library's underscore names.
+
+Example::
+
+    >>> import torch
+    >>> is_fake(torch.zeros(1))
+    False
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Iterator
+from functools import wraps
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "OPTIMIZER_STEP_HOOK_ATTRS",
+    "buffer",
+    "child_schedulers",
+    "compiled_parts",
+    "disable_input_grad_hooks",
+    "dynamo_recompile_limit",
+    "enable_input_grad_hooks",
+    "is_fake",
+    "lightning_trainer",
+    "parallel_devices",
+    "replace_buffer",
+    "track_step_called",
+]
+
+# torch (2.13): the dicts behind Optimizer.register_step_pre_hook / register_step_post_hook
+OPTIMIZER_STEP_HOOK_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+
+
+def is_fake(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``FakeTensor`` (torch.compile's tracing stand-in, which owns no memory).
+
+    torch (2.13) has no public test for it.
+    """
+    from torch._subclasses.fake_tensor import is_fake as torch_is_fake
+
+    return bool(torch_is_fake(tensor))
+
+
+def lightning_trainer(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or ``None`` (Lightning 2.6's ``trainer`` property raises
+    instead of returning ``None``, so the attribute behind it is read)."""
+    return getattr(module, "_trainer", None)
+
+
+def parallel_devices(trainer: Any) -> list[Any]:
+    """The devices Lightning's accelerator connector resolved from ``Trainer(devices=...)`` (Lightning 2.6; empty when
+    it has none). Lightning #18902: a ``SingleDeviceStrategy`` built without ``device`` would not see them."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    return list(getattr(connector, "_parallel_devices", None) or [])
+
+
+def compiled_parts(module: nn.Module) -> list[str]:
+    """Where ``module`` is compiled: ``trainer.fit(torch.compile(model))`` (Lightning 2.6 unwraps it and keeps
+    ``_compiler_ctx``), ``torch.compile(submodule)`` or ``submodule.compile()`` (torch's ``_compiled_call_impl``).
+
+    Example::
+
+        >>> compiled_parts(nn.Linear(2, 2))
+        []
+    """
+    dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it: without it nothing can be compiled
+    if dynamo is None:
+        return []
+    found = []
+    if getattr(module, "_compiler_ctx", None) is not None:
+        found.append("the LightningModule")
+    for name, sub in module.named_modules():
+        if isinstance(sub, dynamo.OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
+            found.append(repr(name) if name else "the LightningModule")
+    return list(dict.fromkeys(found))
+
+
+def dynamo_recompile_limit() -> tuple[str, Any]:
+    """The name and value of dynamo's per-function recompilation limit (torch 2.6 renamed ``cache_size_limit`` to
+    ``recompile_limit``)."""
+    config = sys.modules["torch._dynamo"].config
+    setting = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return setting, getattr(config, setting, "?")
+
+
+def disable_input_grad_hooks(module: nn.Module) -> list[nn.Module]:
+    """Turn off transformers' input-embedding hooks that make the embedding output require grad (set up by
+    ``gradient_checkpointing_enable``; transformers 4.5x keeps them in ``_require_grads_hooks``); returns the modules
+    to hand back to :func:`enable_input_grad_hooks`."""
+    disabled = []
+    for sub in module.modules():
+        disable = getattr(sub, "disable_input_require_grads", None)
+        if getattr(sub, "_require_grads_hooks", None) and callable(disable):
+            disable()
+            disabled.append(sub)
+    return disabled
+
+
+def enable_input_grad_hooks(modules: list[nn.Module]) -> None:
+    """Undo :func:`disable_input_grad_hooks`."""
+    for sub in modules:
+        sub.enable_input_require_grads()  # type: ignore[operator]
+
+
+def child_schedulers(scheduler: Any) -> Iterator[Any]:
+    """The schedulers that ``SequentialLR`` and ``ChainedScheduler`` drive (torch 2.13 keeps them in
+    ``_schedulers``); nothing for any other scheduler."""
+    yield from getattr(scheduler, "_schedulers", [])
+
+
+def track_step_called(optimizer: Optimizer) -> None:
+    """Wrap ``optimizer.step`` as torch's LR schedulers do for the optimizer they are built with (torch 2.13:
+    ``_wrapped_by_lr_sched`` marks the wrapper, ``_opt_called`` records a call), so that a scheduler re-pointed at a new
+    optimizer does not warn that ``step()`` "has been overridden after learning rate scheduler initialization"
+    (pytorch#20124)."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = type(optimizer).step
+    ref = weakref.ref(optimizer)  # the optimizer holds this wrapper: no reference cycle
+
+    @wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = ref()
+        assert opt is not None
+        opt._opt_called = True  # type: ignore[attr-defined]
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+
+def replace_buffer(module: nn.Module, name: str, tensor: Tensor) -> bool:
+    """Put ``tensor`` in place of ``module``'s buffer ``name``, keeping whether it is persistent, from inside
+    ``nn.Module._apply`` (torch 2.13 keeps buffers in ``_buffers``; ``register_buffer`` would reset persistence).
+    Returns ``False`` when the module has no such buffer."""
+    if module._buffers.get(name) is None:
+        return False
+    module._buffers[name] = tensor
+    return True
+
+
+def buffer(module: nn.Module, name: str) -> Tensor | None:
+    """``module``'s own buffer ``name`` (not a submodule's), or ``None``."""
+    return module._buffers.get(name)
+
