@@ -152,4 +152,3 @@ def replace_buffer(module: nn.Module, name: str, tensor: Tensor) -> bool:
 def buffer(module: nn.Module, name: str) -> Tensor | None:
     """``module``'s own buffer ``name`` (not a submodule's), or ``None``."""
     return module._buffers.get(name)
-

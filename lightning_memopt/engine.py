@@ -45,6 +45,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_memopt.blocks import Block
+from lightning_memopt.compat import disable_input_grad_hooks, enable_input_grad_hooks
 
 __all__ = ["BlockEngine", "BlockEngineError", "ShardedBlockEngine", "needs_master"]
 
@@ -141,11 +142,7 @@ class BlockEngine:
         if input_requires_grad:
             # transformers' gradient checkpointing makes the embedding output require grad, so backward would run
             # through every frozen layer below the active block; the hook on the active block's input suffices
-            for sub in module.modules():
-                disable = getattr(sub, "disable_input_require_grads", None)
-                if getattr(sub, "_require_grads_hooks", None) and callable(disable):
-                    disable()
-                    self._disabled_input_grad_hooks.append(sub)
+            self._disabled_input_grad_hooks = disable_input_grad_hooks(module)
 
     def _group_members(self) -> list[list[str]]:
         names_by_id = {id(p): n for n, p in self.params.items()}
@@ -403,8 +400,7 @@ class BlockEngine:
                         master.grad = master.grad.cpu()
         for name, param in self.params.items():
             param.requires_grad_(self._original_requires_grad.get(name, True))
-        for sub in self._disabled_input_grad_hooks:
-            sub.enable_input_require_grads()  # type: ignore[operator]
+        enable_input_grad_hooks(self._disabled_input_grad_hooks)
         self._disabled_input_grad_hooks = []
 
 

@@ -17,6 +17,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_memopt.compat import buffer, replace_buffer
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -206,9 +208,9 @@ class CausalLM(LightningModule):
         # to bf16 they shift a rotary angle by radians at position 1000 (Llama 3's theta 500000), so training would
         # run a different model from the FP32-frequency one transformers loads after export. Keep them in FP32.
         for module, name, exact in getattr(self, "_rope_float32", ()):
-            current = module._buffers.get(name)
+            current = buffer(module, name)
             if current is not None and current.dtype != torch.float32:
-                module._buffers[name] = exact.to(current.device)
+                replace_buffer(module, name, exact.to(current.device))
         return self
 
     def _enable_checkpointing(self, reentrant: bool) -> None:

@@ -53,10 +53,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_memopt.compat import is_fake
 from lightning_memopt.strategies.badam import block_strategy
 
 __all__ = [

@@ -141,7 +141,7 @@ def test_a_checkpoint_of_another_layout_is_refused():
     state = engine.state_dict()
     small = _bf16_llama(2)
     other = BlockEngine(small, partition(small), torch.optim.SGD(small.parameters(), lr=0.1))
-    with pytest.raises(BlockEngineError, match="another BAdam block layout.*3 blocks, this run 2"):
+    with pytest.raises(BlockEngineError, match=r"another BAdam block layout.*3 blocks, this run 2"):
         other.load_state_dict(state)
 
 

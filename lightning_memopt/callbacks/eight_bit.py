@@ -9,9 +9,7 @@ tensors (fewer than ``min_8bit_size`` values) and the parameters asked for keep 
 from __future__ import annotations
 
 import re
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import wraps
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_memopt.compat import OPTIMIZER_STEP_HOOK_ATTRS, child_schedulers, track_step_called
 from lightning_memopt.strategies.badam import block_strategy
 
 __all__ = ["SUPPORTED_OPTIMIZERS", "EightBitState", "check_bitsandbytes_version", "is_eight_bit", "to_eight_bit"]
@@ -234,10 +233,6 @@ def _group_keys(target: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in probe.param_groups[0].items() if k != "params"}
 
 
-# Optimizer attributes holding the hooks of `register_step_pre_hook` / `register_step_post_hook`.
-_STEP_HOOK_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
-
-
 def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
     """Return the bitsandbytes 8-bit counterpart of ``optimizer``, over the same param groups and hyper-parameters.
 
@@ -277,7 +272,7 @@ def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
         groups.append({**extras, **_group_keys(target, translate(group, f"Param group {i} of {source}"))})
     # keyword arguments only: bitsandbytes 0.50 removed percentile_clipping/block_wise, so positions shifted
     eight = target(params=groups, min_8bit_size=min_8bit_size, **translate(optimizer.defaults, f"{source}'s defaults"))
-    for attr in _STEP_HOOK_ATTRS:
+    for attr in OPTIMIZER_STEP_HOOK_ATTRS:
         # share the very dicts, so hooks registered before the swap run and their handles still remove them
         setattr(eight, attr, getattr(optimizer, attr))
     return eight
@@ -509,7 +504,7 @@ def _repoint_schedulers(trainer: Trainer, old: Optimizer, new: Optimizer) -> Non
             scheduler.optimizer = new
             found = True
         # SequentialLR and ChainedScheduler drive schedulers of their own
-        for inner in getattr(scheduler, "_schedulers", []):
+        for inner in child_schedulers(scheduler):
             found = repoint(inner) or found
         return found
 
@@ -517,24 +512,4 @@ def _repoint_schedulers(trainer: Trainer, old: Optimizer, new: Optimizer) -> Non
     for config in trainer.lr_scheduler_configs:
         found = repoint(config.scheduler) or found
     if found:
-        _track_step_called(new)
-
-
-def _track_step_called(optimizer: Optimizer) -> None:
-    # torch's LR schedulers wrap their optimizer's step() to warn when scheduler.step() comes first (pytorch#20124);
-    # without the same wrapper on the new optimizer, the first scheduler.step() would warn that step() "has been
-    # overridden after learning rate scheduler initialization"
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-        return
-    step = type(optimizer).step
-    ref = weakref.ref(optimizer)  # the optimizer holds this wrapper: no reference cycle
-
-    @wraps(step)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opt = ref()
-        assert opt is not None
-        opt._opt_called = True  # type: ignore[attr-defined]
-        return step(opt, *args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = wrapper  # type: ignore[method-assign]
+        track_step_called(new)

@@ -10,7 +10,6 @@ are re-pointed at the active block's masters, so LR schedulers, ``LearningRateMo
 from __future__ import annotations
 
 import difflib
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from lightning_memopt.blocks import (
     partition,
 )
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.compat import compiled_parts, dynamo_recompile_limit, lightning_trainer, parallel_devices
 from lightning_memopt.engine import BlockEngine, BlockEngineError
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
@@ -427,8 +427,8 @@ class BlockStrategy(Strategy):
         engine.drop_master_grads()
         self._step_skipped = True
         self._nonfinite_in_a_row += 1
-        module = self.lightning_module
-        step = module.trainer.global_step if module is not None and module._trainer is not None else "?"
+        trainer = lightning_trainer(self.lightning_module)
+        step = trainer.global_step if trainer is not None else "?"
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise RuntimeError(
                 f"BAdam: the gradients were inf/NaN {self._nonfinite_in_a_row} optimizer steps in a row (last at step "
@@ -495,29 +495,11 @@ def _first_names(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _compiled_parts(module: nn.Module) -> list[str]:
-    """Where ``module`` is compiled: ``trainer.fit(torch.compile(model))``, ``torch.compile(submodule)`` or
-    ``submodule.compile()``."""
-    dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it: without it nothing can be compiled
-    if dynamo is None:
-        return []
-    found = []
-    if getattr(module, "_compiler_ctx", None) is not None:  # Lightning unwraps a compiled LightningModule in fit()
-        found.append("the LightningModule")
-    for name, sub in module.named_modules():
-        if isinstance(sub, dynamo.OptimizedModule) or getattr(sub, "_compiled_call_impl", None) is not None:
-            found.append(repr(name) if name else "the LightningModule")
-    return list(dict.fromkeys(found))
-
-
 def _warn_if_compiled(module: nn.Module, num_blocks: int) -> None:
-    parts = _compiled_parts(module)
+    parts = compiled_parts(module)
     if not parts:
         return
-    config = sys.modules["torch._dynamo"].config
-    # torch 2.6 renamed cache_size_limit to recompile_limit
-    setting = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    limit = getattr(config, setting, "?")
+    setting, limit = dynamo_recompile_limit()
     rank_zero_warn(
         f"BAdam: {', '.join(parts[:3])}{f' and {len(parts) - 3} more modules' if len(parts) > 3 else ''} "
         f"{'is' if len(parts) == 1 else 'are'} compiled with torch.compile. Each block switch changes which "
@@ -600,17 +582,17 @@ def block_strategy(trainer: Trainer) -> BlockStrategy | None:
 
 
 def _trainer_of(strategy: Any) -> Trainer:
-    module = strategy.lightning_module
-    if module is None or module._trainer is None:
+    trainer = lightning_trainer(strategy.lightning_module)
+    if trainer is None:
         raise RuntimeError("The strategy is not attached to a Trainer yet.")
-    return module._trainer
+    return trainer
 
 
 def _device_from_trainer(strategy: Any) -> torch.device:
     # Lightning #18902: a SingleDeviceStrategy built without `device` would stay on CPU even when the accelerator is a
     # GPU, so take the device the accelerator connector resolved from `devices=`.
     trainer = _trainer_of(strategy)
-    devices = getattr(trainer._accelerator_connector, "_parallel_devices", None) or []
+    devices = parallel_devices(trainer)
     if len(devices) > 1:
         raise MisconfigurationException(
             f"BAdamStrategy trains on one device but the Trainer was given {len(devices)} devices. "

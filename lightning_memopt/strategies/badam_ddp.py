@@ -21,6 +21,7 @@ from torch import Tensor
 from typing_extensions import Unpack, override
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.compat import lightning_trainer
 from lightning_memopt.strategies.badam import BlockOptions, BlockStrategy
 from lightning_memopt.strategies.collectives import all_reduce_mean
 
@@ -118,7 +119,7 @@ class BAdamDDPStrategy(BlockStrategy, DDPStrategy):
         if not _lost_another_rank(exception):
             return
         procs = list(getattr(self.launcher, "procs", None) or [])
-        trainer = getattr(self.lightning_module, "_trainer", None)
+        trainer = lightning_trainer(self.lightning_module)
         step = trainer.global_step if trainer is not None else None
         message = (
             f"BAdamDDPStrategy: rank {self.global_rank} of {self.world_size} lost contact with the other ranks"

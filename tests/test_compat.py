@@ -1,0 +1,117 @@
+"""The private attributes of other libraries, each checked against the installed library: an upgrade that renames one
+fails here, not in a user's run."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from lightning.pytorch import Trainer
+from models import LlamaModule, tiny_llama, trainer_kwargs
+from torch import nn
+
+from lightning_memopt import compat
+
+
+def test_is_fake_tells_tracing_stand_ins_from_real_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.zeros(3)
+    assert compat.is_fake(fake)
+    assert not compat.is_fake(torch.zeros(3))
+
+
+def test_the_trainer_and_devices_lightning_resolved(tmp_path):
+    module = LlamaModule(num_layers=1, n=4)
+    assert compat.lightning_trainer(module) is None
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(module)
+    assert compat.lightning_trainer(module) is trainer
+    assert [d.type for d in compat.parallel_devices(trainer)] == ["cpu"]
+    two = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert len(compat.parallel_devices(two)) == 2
+    assert compat.parallel_devices(object()) == []
+
+
+def test_compiled_parts_finds_each_way_of_compiling():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert compat.compiled_parts(model) == []
+    model[1].compile()
+    assert compat.compiled_parts(model) == ["'1'"]
+    assert compat.compiled_parts(nn.Sequential(torch.compile(nn.Linear(2, 2)))) == ["'0'"]
+    setting, limit = compat.dynamo_recompile_limit()
+    assert setting in ("recompile_limit", "cache_size_limit") and isinstance(limit, int)
+
+
+def test_transformers_input_grad_hooks_are_disabled_and_given_back():
+    model = tiny_llama(1)
+    model.enable_input_require_grads()
+    model.requires_grad_(False)
+    x = torch.randint(0, 64, (1, 4))
+    assert model.get_input_embeddings()(x).requires_grad  # transformers' hook at work
+    disabled = compat.disable_input_grad_hooks(model)
+    assert disabled == [model]
+    assert not model.get_input_embeddings()(x).requires_grad
+    compat.enable_input_grad_hooks(disabled)
+    assert model.get_input_embeddings()(x).requires_grad
+
+
+def test_child_schedulers_of_a_sequential_schedule():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    first = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+    second = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    sequential = torch.optim.lr_scheduler.SequentialLR(optimizer, [first, second], milestones=[2])
+    assert list(compat.child_schedulers(sequential)) == [first, second]
+    assert list(compat.child_schedulers(first)) == []
+
+
+def test_a_scheduler_moved_to_a_new_optimizer_does_not_warn_once_its_step_is_tracked():
+    params = [nn.Parameter(torch.zeros(1))]
+    old = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(old, step_size=1)
+    new = torch.optim.SGD(params, lr=1.0)
+    scheduler.optimizer = new
+    compat.track_step_called(new)
+    compat.track_step_called(new)  # idempotent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new.step()
+        scheduler.step()
+    assert new._opt_called  # type: ignore[attr-defined]
+
+
+def test_replace_buffer_keeps_a_non_persistent_buffer_out_of_the_state_dict():
+    module = nn.Module()
+    module.register_buffer("inv_freq", torch.ones(2), persistent=False)
+    assert compat.replace_buffer(module, "inv_freq", torch.full((2,), 3.0))
+    assert torch.equal(compat.buffer(module, "inv_freq"), torch.full((2,), 3.0))
+    assert "inv_freq" not in module.state_dict()
+    assert not compat.replace_buffer(module, "missing", torch.ones(1))
+    assert compat.buffer(module, "missing") is None
+
+
+def test_the_optimizer_step_hook_dicts_exist():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    optimizer.register_step_pre_hook(lambda *a: None)
+    optimizer.register_step_post_hook(lambda *a: None)
+    for attr in compat.OPTIMIZER_STEP_HOOK_ATTRS:
+        assert len(getattr(optimizer, attr)) == 1
+
+
+def test_only_compat_touches_other_libraries_private_names():
+    import pathlib
+    import re
+
+    root = pathlib.Path(compat.__file__).parent
+    private = re.compile(
+        r"_(require_grads_hooks|compiler_ctx|compiled_call_impl|accelerator_connector|parallel_devices|"
+        r"optimizer_step_(pre|post)_hooks|wrapped_by_lr_sched|opt_called)\b|\._(trainer|buffers)\b|\"_(schedulers|trainer)\"|"
+        r"torch\._subclasses"
+    )
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "compat.py" and private.search(path.read_text())
+    ]
+    assert offenders == [], offenders
