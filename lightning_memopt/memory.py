@@ -40,7 +40,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import math
 import os
 import sys
 import warnings
@@ -57,6 +56,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.compat import is_fake
+from lightning_memopt.optimizers import (
+    local_tensor,
+    optimizer_state_bytes,
+    predict_optimizer_state_bytes,
+    state_bytes_per_param,
+)
 from lightning_memopt.strategies.badam import block_strategy
 
 __all__ = [
@@ -74,9 +79,6 @@ __all__ = [
 ]
 
 _MIB = 2**20
-# bitsandbytes quantises 8-bit state in blocks of 256 values, with one FP32 absmax per block
-_BNB_BLOCKSIZE = 256
-_BNB_QMAP_BYTES = 256 * 4
 
 
 # ---------------------------------------------------------------------------------------------------- accounting
@@ -98,7 +100,7 @@ class StorageLedger:
     @staticmethod
     def key(tensor: Tensor) -> tuple[str, int] | None:
         """``(device, data_ptr)`` of the tensor's storage, or ``None`` for a tensor without memory (meta, empty)."""
-        tensor = _local(tensor)
+        tensor = local_tensor(tensor)
         if tensor.device.type == "meta" or is_fake(tensor):
             # a FakeTensor (left by tracing, e.g. Lightning's FLOPs count in the model summary, until the garbage
             # collector frees it) owns no memory; its data pointer is 0, or access to it raises
@@ -118,15 +120,9 @@ class StorageLedger:
         if key is None or key in self._seen:
             return 0
         self._seen.add(key)
-        nbytes = _local(tensor).untyped_storage().nbytes()
+        nbytes = local_tensor(tensor).untyped_storage().nbytes()
         self.bytes_by_device[key[0]] = self.bytes_by_device.get(key[0], 0) + nbytes
         return nbytes
-
-
-def _local(tensor: Tensor) -> Tensor:
-    # a sharded DTensor (badam_fsdp) holds only its local shard on this rank: that is what this rank pays for
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 @dataclass(frozen=True)
@@ -299,97 +295,6 @@ def _other_bytes(ledger: StorageLedger) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- prediction
-def optimizer_state_bytes(
-    optimizer: Optimizer, param: Tensor, group_index: int = 0, param_index: int = 0
-) -> int | None:
-    """Bytes of state ``optimizer`` keeps for ``param`` after a step; ``None`` for an optimizer it does not know.
-
-    Knows torch's ``Adam``/``AdamW`` (incl. ``amsgrad``), ``SGD``, ``Adafactor`` and bitsandbytes' one- and
-    two-state optimizers (8-bit or 32-bit, honouring ``min_8bit_size`` and per-parameter overrides). Shared
-    bitsandbytes quantisation maps are not included (see :func:`predict_memory`).
-
-    Example::
-
-        >>> p = nn.Parameter(torch.zeros(10, 20))
-        >>> optimizer_state_bytes(torch.optim.AdamW([p]), p)  # exp_avg + exp_avg_sq + the step scalar
-        1604
-        >>> optimizer_state_bytes(torch.optim.Adafactor([p]), p)  # row (10) + column (20) variances + step
-        124
-    """
-    numel, size = _local(param).numel(), param.element_size()
-    bnb_states = _bnb_state_count(optimizer)
-    if bnb_states is not None:
-        group = optimizer.param_groups[group_index]
-        config = optimizer.get_config(group_index, param_index, group)  # type: ignore[attr-defined]
-        extra = 4 if config.get("max_unorm", 0.0) > 0.0 else 0
-        if config["optim_bits"] == 8 and numel >= config["min_8bit_size"]:
-            blocks = math.ceil(numel / _BNB_BLOCKSIZE)
-            return bnb_states * (numel + 4 * blocks) + extra
-        return bnb_states * 4 * numel + extra
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        amsgrad = optimizer.param_groups[group_index].get("amsgrad", False)
-        return (3 if amsgrad else 2) * numel * size + 4
-    if isinstance(optimizer, torch.optim.SGD):
-        return numel * size if optimizer.param_groups[group_index].get("momentum", 0) != 0 else 0
-    if isinstance(optimizer, torch.optim.Adafactor):
-        if param.dim() > 1:
-            rows, cols = param.shape[-2], param.shape[-1]
-            batch = numel // (rows * cols) if rows * cols else 0
-            return batch * (rows + cols) * size + 4
-        return numel * size + 4
-    return None
-
-
-def _predict_optimizer_state(optimizer: Optimizer) -> int | None:
-    total = 0
-    uses_qmap = False
-    bnb_states = _bnb_state_count(optimizer)
-    for gi, group in enumerate(optimizer.param_groups):
-        for pi, p in enumerate(group["params"]):
-            if not p.requires_grad:  # no gradient, so no state
-                continue
-            nbytes = optimizer_state_bytes(optimizer, p, gi, pi)
-            if nbytes is None:
-                return None
-            total += nbytes
-            if bnb_states is not None:
-                config = optimizer.get_config(gi, pi, group)  # type: ignore[attr-defined]
-                uses_qmap = uses_qmap or (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"])
-    # bitsandbytes: one quantisation map per state (signed, unsigned), shared by all the optimizer's 8-bit tensors
-    return total + (bnb_states or 0) * _BNB_QMAP_BYTES * uses_qmap
-
-
-def _bnb_state_count(optimizer: Optimizer) -> int | None:
-    if not type(optimizer).__module__.startswith("bitsandbytes"):
-        return None
-    names = {cls.__name__ for cls in type(optimizer).__mro__}
-    if "AdEMAMix" in names:  # three states in one buffer: not modelled
-        return None
-    if "Optimizer2State" in names:
-        return 2
-    if "Optimizer1State" in names:
-        return 1
-    return None
-
-
-def _state_per_param(optimizer: Optimizer | None, state_size: int) -> tuple[float, str]:
-    """Textbook state bytes per trained parameter for the closed form, and the optimizer's short name."""
-    if optimizer is None:
-        return 0.0, "none"
-    bnb = _bnb_state_count(optimizer)
-    if bnb is not None:
-        bits = getattr(getattr(optimizer, "args", None), "optim_bits", 32)
-        return (float(bnb) if bits == 8 else 4.0 * bnb), f"{type(optimizer).__name__}"
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return 2.0 * state_size, type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.SGD):
-        momentum = optimizer.param_groups[0].get("momentum", 0) if optimizer.param_groups else 0
-        return (float(state_size) if momentum else 0.0), "SGD" + (" (momentum)" if momentum else "")
-    if isinstance(optimizer, torch.optim.Adafactor):
-        return 0.0, "Adafactor"
-    return 0.0, type(optimizer).__name__
-
-
 def _coefficient(value: float) -> str:
     return f"{value:.3g}"
 
@@ -431,11 +336,11 @@ def predict_memory(
     params = _unique_params(module)
     weight_storages = StorageLedger()
     weights = sum(weight_storages.add(p) for _, p in params)
-    numel = sum(_local(p).numel() for _, p in params)
+    numel = sum(local_tensor(p).numel() for _, p in params)
     buffers = StorageLedger()
     buffer_bytes = sum(buffers.add(b) for b in module.buffers() if b not in weight_storages)
     own_masters = [m for m in masters.values() if m not in weight_storages]
-    master_bytes = sum(_local(m).numel() * 4 for m in own_masters)
+    master_bytes = sum(local_tensor(m).numel() * 4 for m in own_masters)
     notes: list[str] = []
 
     trained: list[Tensor] = []
@@ -452,11 +357,11 @@ def predict_memory(
         if p.requires_grad and id(p) not in seen and name not in masters and id(p) not in master_ids:
             seen.add(id(p))
             trained.append(p)
-    grads = sum(_local(p).numel() * p.element_size() for p in trained)
+    grads = sum(local_tensor(p).numel() * p.element_size() for p in trained)
 
     state = 0
     for optimizer in optimizers:
-        predicted = _predict_optimizer_state(optimizer)
+        predicted = predict_optimizer_state_bytes(optimizer)
         if predicted is None:
             predicted = accounted.optimizer_state if accounted is not None else 0
             notes.append(
@@ -464,13 +369,13 @@ def predict_memory(
                 + ("taken as accounted." if accounted is not None else "predicted as 0.")
             )
         state += predicted
-    trained_numel = sum(_local(p).numel() for p in trained)
+    trained_numel = sum(local_tensor(p).numel() for p in trained)
 
     # the closed form, in bytes per parameter
     weight_size = weights / numel if numel else 0.0
     is_badam = blocks is not None
     trained_size = trained[0].element_size() if trained else (4 if own_masters else round(weight_size))
-    s, optimizer_name = _state_per_param(optimizers[0] if optimizers else None, trained_size)
+    s, optimizer_name = state_bytes_per_param(optimizers[0] if optimizers else None, trained_size)
     per_trained = (4.0 if own_masters else 0.0) + trained_size + s
     if is_badam:
         d = max(int(blocks or 1), 1)

@@ -6,9 +6,12 @@ import pytest
 
 import lightning_memopt.adafactor_rules
 import lightning_memopt.blocks
+import lightning_memopt.compat
 import lightning_memopt.data
+import lightning_memopt.engine
 import lightning_memopt.instruct
 import lightning_memopt.lm
+import lightning_memopt.optimizers
 import lightning_memopt.precision
 import lightning_memopt.strategies
 
@@ -18,9 +21,12 @@ import lightning_memopt.strategies
     [
         lightning_memopt.adafactor_rules,
         lightning_memopt.blocks,
+        lightning_memopt.compat,
         lightning_memopt.data,
+        lightning_memopt.engine,
         lightning_memopt.instruct,
         lightning_memopt.lm,
+        lightning_memopt.optimizers,
         lightning_memopt.precision,
         lightning_memopt.strategies,
     ],

@@ -9,11 +9,9 @@ tensors (fewer than ``min_8bit_size`` values) and the parameters asked for keep 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import ModuleType
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -24,35 +22,23 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_memopt.compat import OPTIMIZER_STEP_HOOK_ATTRS, child_schedulers, track_step_called
+from lightning_memopt.optimizers import (
+    BNB_INSTALL,
+    SUPPORTED_OPTIMIZERS,
+    bnb_group_keys,
+    eight_bit_counterpart,
+    import_bitsandbytes,
+    is_eight_bit,
+)
 from lightning_memopt.strategies.badam import block_strategy
 
 __all__ = ["SUPPORTED_OPTIMIZERS", "EightBitState", "check_bitsandbytes_version", "is_eight_bit", "to_eight_bit"]
-
-SUPPORTED_OPTIMIZERS = (
-    "torch.optim.Adam (weight_decay=0 or decoupled_weight_decay=True), torch.optim.AdamW, torch.optim.SGD "
-    "(with momentum), torch.optim.RMSprop, torch.optim.Adagrad, and bitsandbytes' 32-bit Adam, AdamW and Lion "
-    "(also their Paged versions)"
-)
 
 # 8-bit optimizers on the CPU arrived in 0.50, and so did the lookup of per-parameter overrides by parameter identity
 # (bitsandbytes#1269, fixed by #1869): before, `override_config` was silently ignored once the optimizer existed.
 _CPU_MIN_VERSION = (0, 50)
 _OVERRIDE_MIN_VERSION = (0, 50)
 _OLDEST_SUPPORTED = (0, 45)  # pyproject's floor; 8-bit optimizers on CUDA are much older than that
-_INSTALL = "pip install -U 'bitsandbytes>=0.50'"
-
-
-# ---------------------------------------------------------------------------------------------------- bitsandbytes
-def _import_bitsandbytes() -> ModuleType:
-    try:
-        import bitsandbytes
-        import bitsandbytes.optim
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            f"8-bit optimizer state needs the bitsandbytes package, which could not be imported ({err}). "
-            f"Install it with `{_INSTALL}`, or remove EightBitState / the bitsandbytes optimizer from the run."
-        ) from err
-    return bitsandbytes
 
 
 def check_bitsandbytes_version(version: str, device_type: str, keeps_32bit: bool) -> None:
@@ -86,151 +72,8 @@ def check_bitsandbytes_version(version: str, device_type: str, keeps_32bit: bool
         return
     raise MisconfigurationException(
         f"bitsandbytes {version} is too old for 8-bit optimizer state on this {device_type} run: it {reason}. "
-        f"Upgrade with `{_INSTALL}`."
+        f"Upgrade with `{BNB_INSTALL}`."
     )
-
-
-def is_eight_bit(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is a bitsandbytes optimizer that keeps 8-bit state (``AdamW8bit``, ``Adam(optim_bits=8)``).
-
-    Example::
-
-        >>> import torch, bitsandbytes as bnb
-        >>> params = [torch.nn.Parameter(torch.zeros(4))]
-        >>> is_eight_bit(bnb.optim.AdamW8bit(params=params)), is_eight_bit(torch.optim.AdamW(params))
-        (True, False)
-    """
-    bnb = _import_bitsandbytes()
-    return isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit) and getattr(optimizer.args, "optim_bits", 32) == 8
-
-
-# ------------------------------------------------------------------------------------- hyper-parameter translation
-# Each function reads one param group (or an optimizer's `defaults`) of a supported optimizer and returns the keyword
-# arguments of its bitsandbytes 8-bit counterpart, refusing options the bitsandbytes kernels would silently ignore.
-_Translate = Callable[[Mapping[str, Any], str], dict[str, Any]]
-
-
-def _num(value: Any) -> Any:
-    # torch optimizers accept tensor learning rates and betas; bitsandbytes passes them on as Python numbers
-    if isinstance(value, Tensor):
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return tuple(_num(v) for v in value)
-    return value
-
-
-def _refuse(where: str, option: str, value: Any, why: str, fix: str) -> ValueError:
-    return ValueError(f"{where} has {option}={value!r}, but {why}. {fix}")
-
-
-def _no_maximize(h: Mapping[str, Any], where: str, target: str) -> None:
-    if h.get("maximize", False):
-        raise _refuse(where, "maximize", True, f"bitsandbytes' {target} only minimizes", "Negate the loss instead.")
-
-
-def _adam(h: Mapping[str, Any], where: str) -> dict[str, Any]:
-    _no_maximize(h, where, "Adam8bit")
-    if h.get("amsgrad", False):
-        raise _refuse(where, "amsgrad", True, "bitsandbytes' 8-bit Adam has no AMSGrad", "Set amsgrad=False.")
-    weight_decay = _num(h["weight_decay"])
-    if weight_decay != 0 and not h.get("decoupled_weight_decay", False):
-        raise _refuse(
-            where,
-            "weight_decay",
-            weight_decay,
-            "torch.optim.Adam adds weight decay to the gradient (L2) while bitsandbytes' Adam8bit decays the weights "
-            "directly, as AdamW does",
-            "Use torch.optim.AdamW(weight_decay=...) (or Adam(decoupled_weight_decay=True)), or weight_decay=0.",
-        )
-    return {"lr": _num(h["lr"]), "betas": _num(h["betas"]), "eps": _num(h["eps"]), "weight_decay": weight_decay}
-
-
-def _adamw(h: Mapping[str, Any], where: str) -> dict[str, Any]:
-    _no_maximize(h, where, "AdamW8bit")
-    if h.get("amsgrad", False):
-        raise _refuse(where, "amsgrad", True, "bitsandbytes' AdamW8bit has no AMSGrad", "Set amsgrad=False.")
-    return {k: _num(h[k]) for k in ("lr", "betas", "eps", "weight_decay")}
-
-
-def _sgd(h: Mapping[str, Any], where: str) -> dict[str, Any]:
-    _no_maximize(h, where, "SGD8bit")
-    momentum = _num(h["momentum"])
-    if momentum == 0:
-        raise _refuse(
-            where,
-            "momentum",
-            momentum,
-            "SGD without momentum keeps no optimizer state, so there is nothing to store in 8 bits",
-            "Remove EightBitState, or set momentum (e.g. 0.9).",
-        )
-    if h.get("nesterov", False):
-        raise _refuse(where, "nesterov", True, "bitsandbytes' SGD8bit ignores it", "Set nesterov=False.")
-    if _num(h.get("dampening", 0)) != 0:
-        raise _refuse(where, "dampening", h["dampening"], "bitsandbytes' SGD8bit ignores it", "Set dampening=0.")
-    return {"lr": _num(h["lr"]), "momentum": momentum, "weight_decay": _num(h["weight_decay"])}
-
-
-def _rmsprop(h: Mapping[str, Any], where: str) -> dict[str, Any]:
-    _no_maximize(h, where, "RMSprop8bit")
-    if h.get("centered", False):
-        raise _refuse(where, "centered", True, "bitsandbytes' RMSprop8bit is not centered", "Set centered=False.")
-    if _num(h.get("momentum", 0)) != 0:
-        raise _refuse(where, "momentum", h["momentum"], "bitsandbytes' RMSprop8bit ignores it", "Set momentum=0.")
-    if _num(h["alpha"]) == 0:
-        raise _refuse(where, "alpha", 0, "bitsandbytes' RMSprop8bit needs alpha > 0", "Use alpha=0.99.")
-    return {k: _num(h[k]) for k in ("lr", "alpha", "eps", "weight_decay")}
-
-
-def _adagrad(h: Mapping[str, Any], where: str) -> dict[str, Any]:
-    _no_maximize(h, where, "Adagrad8bit")
-    for option in ("lr_decay", "initial_accumulator_value"):
-        if _num(h.get(option, 0)) != 0:
-            raise _refuse(
-                where, option, h[option], "bitsandbytes' Adagrad8bit does not implement it", f"Set {option}=0."
-            )
-    return {k: _num(h[k]) for k in ("lr", "eps", "weight_decay")}
-
-
-def _bnb_same_keys(*keys: str) -> _Translate:
-    # bitsandbytes' own 32-bit optimizers store their hyper-parameters under the constructor's names already
-    def translate(h: Mapping[str, Any], where: str) -> dict[str, Any]:
-        return {k: _num(h[k]) for k in keys}
-
-    return translate
-
-
-def _counterpart(optimizer: Optimizer, bnb: ModuleType) -> tuple[Any, _Translate]:
-    torch_table: dict[type, tuple[str, _Translate]] = {
-        torch.optim.Adam: ("Adam8bit", _adam),
-        torch.optim.AdamW: ("AdamW8bit", _adamw),
-        torch.optim.SGD: ("SGD8bit", _sgd),
-        torch.optim.RMSprop: ("RMSprop8bit", _rmsprop),
-        torch.optim.Adagrad: ("Adagrad8bit", _adagrad),
-    }
-    adam_keys = _bnb_same_keys("lr", "betas", "eps", "weight_decay")
-    lion_keys = _bnb_same_keys("lr", "betas", "weight_decay")
-    for base, translate in (("Adam", adam_keys), ("AdamW", adam_keys), ("Lion", lion_keys)):
-        for paged in ("", "Paged"):
-            for suffix in ("", "32bit"):
-                torch_table[getattr(bnb.optim, f"{paged}{base}{suffix}")] = (f"{paged}{base}8bit", translate)
-    # exact types only: a subclass may change the update rule, and its 8-bit version would not
-    entry = torch_table.get(type(optimizer))
-    if entry is None:
-        cls = type(optimizer)
-        raise TypeError(
-            f"EightBitState cannot give {cls.__module__}.{cls.__qualname__} 8-bit state: bitsandbytes has 8-bit "
-            f"versions of {SUPPORTED_OPTIMIZERS}. Use one of those, or configure a bitsandbytes 8-bit optimizer "
-            "(e.g. bitsandbytes.optim.AdamW8bit) yourself and keep EightBitState for its 32-bit exceptions."
-        )
-    name, translate = entry
-    return getattr(bnb.optim, name), translate
-
-
-def _group_keys(target: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    # bitsandbytes' constructors translate their keyword arguments into param-group keys (SGD8bit keeps momentum as
-    # betas[0], RMSprop8bit alpha as betas[0]); an empty optimizer built with the group's arguments does that for us
-    probe = target(params=[{"params": []}], **kwargs)
-    return {k: v for k, v in probe.param_groups[0].items() if k != "params"}
 
 
 def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
@@ -262,14 +105,14 @@ def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
         raise ValueError(f"min_8bit_size must be a number of tensor elements >= 0, got {min_8bit_size!r}.")
     if is_eight_bit(optimizer):
         return optimizer
-    bnb = _import_bitsandbytes()
-    target, translate = _counterpart(optimizer, bnb)
+    bnb = import_bitsandbytes()
+    target, translate = eight_bit_counterpart(optimizer, bnb)
     source = type(optimizer).__name__
     groups = []
     for i, group in enumerate(optimizer.param_groups):
         # keys the source optimizer does not define (params, initial_lr, a user's name) travel unchanged
         extras = {k: v for k, v in group.items() if k not in optimizer.defaults}
-        groups.append({**extras, **_group_keys(target, translate(group, f"Param group {i} of {source}"))})
+        groups.append({**extras, **bnb_group_keys(target, translate(group, f"Param group {i} of {source}"))})
     # keyword arguments only: bitsandbytes 0.50 removed percentile_clipping/block_wise, so positions shifted
     eight = target(params=groups, min_8bit_size=min_8bit_size, **translate(optimizer.defaults, f"{source}'s defaults"))
     for attr in OPTIMIZER_STEP_HOOK_ATTRS:
@@ -291,7 +134,7 @@ class _Overrides:
 
     def set(self, params: Iterable[Tensor]) -> None:
         self.clear()
-        manager = _import_bitsandbytes().optim.GlobalOptimManager.get_instance()
+        manager = import_bitsandbytes().optim.GlobalOptimManager.get_instance()
         for param in params:
             key = id(param)
             if key in self._previous:
@@ -304,7 +147,7 @@ class _Overrides:
     def clear(self) -> None:
         if not self._previous:
             return
-        manager = _import_bitsandbytes().optim.GlobalOptimManager.get_instance()
+        manager = import_bitsandbytes().optim.GlobalOptimManager.get_instance()
         for key, previous in self._previous.items():
             if previous is None:
                 manager.pid2config.pop(key, None)
@@ -380,7 +223,7 @@ class EightBitState(Callback):
                 raise ValueError(
                     f"EightBitState(keep_32bit=...) has an invalid regular expression {pattern!r}: {err}"
                 ) from err
-        _import_bitsandbytes()  # fail while the run is being configured, not at the start of fit
+        import_bitsandbytes()  # fail while the run is being configured, not at the start of fit
         self.min_8bit_size = min_8bit_size
         self.keep_32bit = list(keep_32bit)
         self.keep_32bit_embeddings = keep_32bit_embeddings
@@ -404,7 +247,7 @@ class EightBitState(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        bnb = _import_bitsandbytes()
+        bnb = import_bitsandbytes()
         keeps = bool(self.keep_32bit) or self.keep_32bit_embeddings
         check_bitsandbytes_version(bnb.__version__, trainer.strategy.root_device.type, keeps_32bit=keeps)
 

@@ -26,7 +26,6 @@ transforms.
 
 from __future__ import annotations
 
-import importlib
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -42,6 +41,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.adafactor_rules import rms_many
+from lightning_memopt.optimizers import (
+    bitsandbytes_kernel,
+    decoupled_weight_decay,
+    is_adafactor,
+    lr_scales_update,
+    optimizer_name,
+)
 
 __all__ = [
     "ORDER_BIAS_CORRECTION",
@@ -62,108 +68,6 @@ __all__ = [
 ORDER_BIAS_CORRECTION = 0
 ORDER_CLIP = 10
 ORDER_STEP_SIZE = 20
-
-# bitsandbytes' kernels: which `optimizer_name` applies `p *= 1 - lr*wd` (decoupled) and which adds `wd*p` to the
-# gradient (coupled); see bitsandbytes/backends/*/ops.py
-_BNB_DECOUPLED = frozenset({"adam", "ademamix", "lion", "lamb"})
-_BNB_COUPLED = frozenset({"momentum", "lars", "rmsprop", "adagrad"})
-# optimizers whose whole step is proportional to lr, with state that does not depend on lr
-_BNB_LR_LINEAR = frozenset({"adam", "momentum", "lion", "rmsprop", "adagrad"})
-_TORCH_LR_LINEAR = (
-    torch.optim.Adam,  # and AdamW, its subclass
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-    torch.optim.SGD,
-    torch.optim.RMSprop,
-    torch.optim.Adadelta,
-    torch.optim.Adagrad,
-)
-_TORCH_COUPLED = (
-    torch.optim.SGD,
-    torch.optim.Adagrad,
-    torch.optim.Adadelta,
-    torch.optim.Adamax,
-    torch.optim.ASGD,
-    torch.optim.RMSprop,
-)
-
-
-def bitsandbytes_kernel(optimizer: Optimizer) -> str | None:
-    """The ``optimizer_name`` of a bitsandbytes optimizer (``"adam"`` for Adam8bit, AdamW, PagedAdamW32bit, ...)."""
-    name = getattr(optimizer, "optimizer_name", None)
-    module = type(optimizer).__module__
-    return name if isinstance(name, str) and module.startswith("bitsandbytes") else None
-
-
-def optimizer_name(optimizer: Optimizer) -> str:
-    """How users import the optimizer's class: ``torch.optim.SGD`` rather than ``torch.optim.sgd.SGD``.
-
-    Example::
-
-        >>> optimizer_name(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
-        'torch.optim.SGD'
-    """
-    cls = type(optimizer)
-    root = cls.__module__.split(".")[0]
-    for public in (f"{root}.optim", root):
-        try:
-            module = importlib.import_module(public)
-        except ImportError:
-            continue
-        if getattr(module, cls.__name__, None) is cls:
-            return f"{public}.{cls.__name__}"
-    return f"{cls.__module__}.{cls.__name__}"
-
-
-def is_adafactor(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is an Adafactor (torch's or transformers'), which has all three stabilisers built in."""
-    cls = type(optimizer)
-    return cls.__name__ == "Adafactor" and cls.__module__.split(".")[0] in ("torch", "transformers")
-
-
-def decoupled_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool | None:
-    """Whether the optimizer applies this group's weight decay as ``X ← X·(1 - lr·wd)`` outside its update (AdamW),
-    ``False`` when it adds ``wd·X`` to the gradient (Adam, SGD), ``None`` when it cannot tell.
-
-    Example::
-
-        >>> w = torch.nn.Parameter(torch.zeros(2))
-        >>> adamw = torch.optim.AdamW([w], weight_decay=0.01)
-        >>> decoupled_weight_decay(adamw, adamw.param_groups[0])
-        True
-        >>> sgd = torch.optim.SGD([w], lr=0.1, weight_decay=0.01)
-        >>> decoupled_weight_decay(sgd, sgd.param_groups[0])
-        False
-    """
-    name = bitsandbytes_kernel(optimizer)
-    if name is not None:
-        return True if name in _BNB_DECOUPLED else (False if name in _BNB_COUPLED else None)
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam)):
-        return bool(group.get("decoupled_weight_decay", False))
-    if isinstance(optimizer, _TORCH_COUPLED):
-        return False
-    if is_adafactor(optimizer) or type(optimizer).__name__ == "Muon":
-        return True
-    return None
-
-
-def lr_scales_update(optimizer: Optimizer) -> bool:
-    """Whether the optimizer's step is proportional to ``lr`` and its state does not depend on ``lr``, so that a step
-    at another ``lr`` is the same step scaled (needed to substitute the step size).
-
-    Example::
-
-        >>> w = torch.nn.Parameter(torch.zeros(2))
-        >>> lr_scales_update(torch.optim.AdamW([w])), lr_scales_update(torch.optim.ASGD([w]))
-        (True, False)
-    """
-    name = bitsandbytes_kernel(optimizer)
-    if name is not None:
-        return name in _BNB_LR_LINEAR
-    if isinstance(optimizer, torch.optim.Adagrad):
-        return all(float(g.get("lr_decay", 0.0)) == 0.0 for g in optimizer.param_groups)
-    return isinstance(optimizer, _TORCH_LR_LINEAR)
 
 
 @dataclass

@@ -1,0 +1,421 @@
+"""What the pack knows about optimizers, in one place: which family an optimizer is, how much state it keeps, how
+its weight decay and learning rate act, and how its hyper-parameters translate to bitsandbytes' 8-bit counterparts.
+
+:mod:`lightning_memopt.memory` (accounting and prediction), the update transforms
+(:mod:`lightning_memopt.callbacks.update_transform`) and :class:`~lightning_memopt.EightBitState` all ask here, so a
+new optimizer family (torchao's low-bit AdamW, GaLore, FLORA, ...) is taught to the pack in this file.
+
+Example::
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.zeros(10, 20))
+    >>> optimizer_state_bytes(torch.optim.AdamW([w]), w), lr_scales_update(torch.optim.AdamW([w]))
+    (1604, True)
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "BNB_INSTALL",
+    "SUPPORTED_OPTIMIZERS",
+    "bitsandbytes_kernel",
+    "bnb_group_keys",
+    "bnb_state_count",
+    "decoupled_weight_decay",
+    "eight_bit_counterpart",
+    "import_bitsandbytes",
+    "is_adafactor",
+    "is_eight_bit",
+    "local_tensor",
+    "lr_scales_update",
+    "optimizer_name",
+    "optimizer_state_bytes",
+    "predict_optimizer_state_bytes",
+    "state_bytes_per_param",
+]
+
+BNB_INSTALL = "pip install -U 'bitsandbytes>=0.50'"
+"""How to install a bitsandbytes that runs 8-bit optimizers on the CPU too."""
+
+SUPPORTED_OPTIMIZERS = (
+    "torch.optim.Adam (weight_decay=0 or decoupled_weight_decay=True), torch.optim.AdamW, torch.optim.SGD "
+    "(with momentum), torch.optim.RMSprop, torch.optim.Adagrad, and bitsandbytes' 32-bit Adam, AdamW and Lion "
+    "(also their Paged versions)"
+)
+
+# bitsandbytes quantises 8-bit state in blocks of 256 values, with one FP32 absmax per block
+_BNB_BLOCKSIZE = 256
+_BNB_QMAP_BYTES = 256 * 4
+
+
+# ------------------------------------------------------------------------------------------------ families
+# bitsandbytes' kernels: which `optimizer_name` applies `p *= 1 - lr*wd` (decoupled) and which adds `wd*p` to the
+# gradient (coupled); see bitsandbytes/backends/*/ops.py
+_BNB_DECOUPLED = frozenset({"adam", "ademamix", "lion", "lamb"})
+_BNB_COUPLED = frozenset({"momentum", "lars", "rmsprop", "adagrad"})
+# optimizers whose whole step is proportional to lr, with state that does not depend on lr
+_BNB_LR_LINEAR = frozenset({"adam", "momentum", "lion", "rmsprop", "adagrad"})
+_TORCH_LR_LINEAR = (
+    torch.optim.Adam,  # and AdamW, its subclass
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+    torch.optim.SGD,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+    torch.optim.Adagrad,
+)
+_TORCH_COUPLED = (
+    torch.optim.SGD,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.Adamax,
+    torch.optim.ASGD,
+    torch.optim.RMSprop,
+)
+
+
+def bitsandbytes_kernel(optimizer: Optimizer) -> str | None:
+    """The ``optimizer_name`` of a bitsandbytes optimizer (``"adam"`` for Adam8bit, AdamW, PagedAdamW32bit, ...)."""
+    name = getattr(optimizer, "optimizer_name", None)
+    module = type(optimizer).__module__
+    return name if isinstance(name, str) and module.startswith("bitsandbytes") else None
+
+
+def optimizer_name(optimizer: Optimizer) -> str:
+    """How users import the optimizer's class: ``torch.optim.SGD`` rather than ``torch.optim.sgd.SGD``.
+
+    Example::
+
+        >>> optimizer_name(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+        'torch.optim.SGD'
+    """
+    cls = type(optimizer)
+    root = cls.__module__.split(".")[0]
+    for public in (f"{root}.optim", root):
+        try:
+            module = importlib.import_module(public)
+        except ImportError:
+            continue
+        if getattr(module, cls.__name__, None) is cls:
+            return f"{public}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def is_adafactor(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is an Adafactor (torch's or transformers'), which has all three stabilisers built in."""
+    cls = type(optimizer)
+    return cls.__name__ == "Adafactor" and cls.__module__.split(".")[0] in ("torch", "transformers")
+
+
+def decoupled_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool | None:
+    """Whether the optimizer applies this group's weight decay as ``X ← X·(1 - lr·wd)`` outside its update (AdamW),
+    ``False`` when it adds ``wd·X`` to the gradient (Adam, SGD), ``None`` when it cannot tell.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> adamw = torch.optim.AdamW([w], weight_decay=0.01)
+        >>> decoupled_weight_decay(adamw, adamw.param_groups[0])
+        True
+        >>> sgd = torch.optim.SGD([w], lr=0.1, weight_decay=0.01)
+        >>> decoupled_weight_decay(sgd, sgd.param_groups[0])
+        False
+    """
+    name = bitsandbytes_kernel(optimizer)
+    if name is not None:
+        return True if name in _BNB_DECOUPLED else (False if name in _BNB_COUPLED else None)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam)):
+        return bool(group.get("decoupled_weight_decay", False))
+    if isinstance(optimizer, _TORCH_COUPLED):
+        return False
+    if is_adafactor(optimizer) or type(optimizer).__name__ == "Muon":
+        return True
+    return None
+
+
+def lr_scales_update(optimizer: Optimizer) -> bool:
+    """Whether the optimizer's step is proportional to ``lr`` and its state does not depend on ``lr``, so that a step
+    at another ``lr`` is the same step scaled (needed to substitute the step size).
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> lr_scales_update(torch.optim.AdamW([w])), lr_scales_update(torch.optim.ASGD([w]))
+        (True, False)
+    """
+    name = bitsandbytes_kernel(optimizer)
+    if name is not None:
+        return name in _BNB_LR_LINEAR
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return all(float(g.get("lr_decay", 0.0)) == 0.0 for g in optimizer.param_groups)
+    return isinstance(optimizer, _TORCH_LR_LINEAR)
+
+
+# ---------------------------------------------------------------------------------------------------- bitsandbytes
+def import_bitsandbytes() -> ModuleType:
+    try:
+        import bitsandbytes
+        import bitsandbytes.optim
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"8-bit optimizer state needs the bitsandbytes package, which could not be imported ({err}). "
+            f"Install it with `{BNB_INSTALL}`, or remove EightBitState / the bitsandbytes optimizer from the run."
+        ) from err
+    return bitsandbytes
+
+
+def is_eight_bit(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is a bitsandbytes optimizer that keeps 8-bit state (``AdamW8bit``, ``Adam(optim_bits=8)``).
+
+    Example::
+
+        >>> import torch, bitsandbytes as bnb
+        >>> params = [torch.nn.Parameter(torch.zeros(4))]
+        >>> is_eight_bit(bnb.optim.AdamW8bit(params=params)), is_eight_bit(torch.optim.AdamW(params))
+        (True, False)
+    """
+    bnb = import_bitsandbytes()
+    return isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit) and getattr(optimizer.args, "optim_bits", 32) == 8
+
+
+# ------------------------------------------------------------------------------------------------ state sizes
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part of ``tensor``: the local shard of a ``DTensor`` (``badam_fsdp``), else the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def optimizer_state_bytes(
+    optimizer: Optimizer, param: Tensor, group_index: int = 0, param_index: int = 0
+) -> int | None:
+    """Bytes of state ``optimizer`` keeps for ``param`` after a step; ``None`` for an optimizer it does not know.
+
+    Knows torch's ``Adam``/``AdamW`` (incl. ``amsgrad``), ``SGD``, ``Adafactor`` and bitsandbytes' one- and
+    two-state optimizers (8-bit or 32-bit, honouring ``min_8bit_size`` and per-parameter overrides). Shared
+    bitsandbytes quantisation maps are not included (see :func:`predict_memory`).
+
+    Example::
+
+        >>> p = torch.nn.Parameter(torch.zeros(10, 20))
+        >>> optimizer_state_bytes(torch.optim.AdamW([p]), p)  # exp_avg + exp_avg_sq + the step scalar
+        1604
+        >>> optimizer_state_bytes(torch.optim.Adafactor([p]), p)  # row (10) + column (20) variances + step
+        124
+    """
+    numel, size = local_tensor(param).numel(), param.element_size()
+    bnb_states = bnb_state_count(optimizer)
+    if bnb_states is not None:
+        group = optimizer.param_groups[group_index]
+        config = optimizer.get_config(group_index, param_index, group)  # type: ignore[attr-defined]
+        extra = 4 if config.get("max_unorm", 0.0) > 0.0 else 0
+        if config["optim_bits"] == 8 and numel >= config["min_8bit_size"]:
+            blocks = math.ceil(numel / _BNB_BLOCKSIZE)
+            return bnb_states * (numel + 4 * blocks) + extra
+        return bnb_states * 4 * numel + extra
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        amsgrad = optimizer.param_groups[group_index].get("amsgrad", False)
+        return (3 if amsgrad else 2) * numel * size + 4
+    if isinstance(optimizer, torch.optim.SGD):
+        return numel * size if optimizer.param_groups[group_index].get("momentum", 0) != 0 else 0
+    if isinstance(optimizer, torch.optim.Adafactor):
+        if param.dim() > 1:
+            rows, cols = param.shape[-2], param.shape[-1]
+            batch = numel // (rows * cols) if rows * cols else 0
+            return batch * (rows + cols) * size + 4
+        return numel * size + 4
+    return None
+
+
+def predict_optimizer_state_bytes(optimizer: Optimizer) -> int | None:
+    """Bytes of state ``optimizer`` keeps after a step for its parameters that require grad (bitsandbytes' shared
+    quantisation maps included); ``None`` when it holds an optimizer :func:`optimizer_state_bytes` does not know."""
+    total = 0
+    uses_qmap = False
+    bnb_states = bnb_state_count(optimizer)
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            if not p.requires_grad:  # no gradient, so no state
+                continue
+            nbytes = optimizer_state_bytes(optimizer, p, gi, pi)
+            if nbytes is None:
+                return None
+            total += nbytes
+            if bnb_states is not None:
+                config = optimizer.get_config(gi, pi, group)  # type: ignore[attr-defined]
+                uses_qmap = uses_qmap or (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"])
+    # bitsandbytes: one quantisation map per state (signed, unsigned), shared by all the optimizer's 8-bit tensors
+    return total + (bnb_states or 0) * _BNB_QMAP_BYTES * uses_qmap
+
+
+def bnb_state_count(optimizer: Optimizer) -> int | None:
+    if not type(optimizer).__module__.startswith("bitsandbytes"):
+        return None
+    names = {cls.__name__ for cls in type(optimizer).__mro__}
+    if "AdEMAMix" in names:  # three states in one buffer: not modelled
+        return None
+    if "Optimizer2State" in names:
+        return 2
+    if "Optimizer1State" in names:
+        return 1
+    return None
+
+
+def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple[float, str]:
+    """Textbook state bytes per trained parameter for the closed form, and the optimizer's short name."""
+    if optimizer is None:
+        return 0.0, "none"
+    bnb = bnb_state_count(optimizer)
+    if bnb is not None:
+        bits = getattr(getattr(optimizer, "args", None), "optim_bits", 32)
+        return (float(bnb) if bits == 8 else 4.0 * bnb), f"{type(optimizer).__name__}"
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return 2.0 * state_size, type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = optimizer.param_groups[0].get("momentum", 0) if optimizer.param_groups else 0
+        return (float(state_size) if momentum else 0.0), "SGD" + (" (momentum)" if momentum else "")
+    if isinstance(optimizer, torch.optim.Adafactor):
+        return 0.0, "Adafactor"
+    return 0.0, type(optimizer).__name__
+
+
+# ------------------------------------------------------------------------------------- hyper-parameter translation
+# Each function reads one param group (or an optimizer's `defaults`) of a supported optimizer and returns the keyword
+# arguments of its bitsandbytes 8-bit counterpart, refusing options the bitsandbytes kernels would silently ignore.
+_Translate = Callable[[Mapping[str, Any], str], dict[str, Any]]
+
+
+def _num(value: Any) -> Any:
+    # torch optimizers accept tensor learning rates and betas; bitsandbytes passes them on as Python numbers
+    if isinstance(value, Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_num(v) for v in value)
+    return value
+
+
+def _refuse(where: str, option: str, value: Any, why: str, fix: str) -> ValueError:
+    return ValueError(f"{where} has {option}={value!r}, but {why}. {fix}")
+
+
+def _no_maximize(h: Mapping[str, Any], where: str, target: str) -> None:
+    if h.get("maximize", False):
+        raise _refuse(where, "maximize", True, f"bitsandbytes' {target} only minimizes", "Negate the loss instead.")
+
+
+def _adam(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "Adam8bit")
+    if h.get("amsgrad", False):
+        raise _refuse(where, "amsgrad", True, "bitsandbytes' 8-bit Adam has no AMSGrad", "Set amsgrad=False.")
+    weight_decay = _num(h["weight_decay"])
+    if weight_decay != 0 and not h.get("decoupled_weight_decay", False):
+        raise _refuse(
+            where,
+            "weight_decay",
+            weight_decay,
+            "torch.optim.Adam adds weight decay to the gradient (L2) while bitsandbytes' Adam8bit decays the weights "
+            "directly, as AdamW does",
+            "Use torch.optim.AdamW(weight_decay=...) (or Adam(decoupled_weight_decay=True)), or weight_decay=0.",
+        )
+    return {"lr": _num(h["lr"]), "betas": _num(h["betas"]), "eps": _num(h["eps"]), "weight_decay": weight_decay}
+
+
+def _adamw(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "AdamW8bit")
+    if h.get("amsgrad", False):
+        raise _refuse(where, "amsgrad", True, "bitsandbytes' AdamW8bit has no AMSGrad", "Set amsgrad=False.")
+    return {k: _num(h[k]) for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def _sgd(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "SGD8bit")
+    momentum = _num(h["momentum"])
+    if momentum == 0:
+        raise _refuse(
+            where,
+            "momentum",
+            momentum,
+            "SGD without momentum keeps no optimizer state, so there is nothing to store in 8 bits",
+            "Remove EightBitState, or set momentum (e.g. 0.9).",
+        )
+    if h.get("nesterov", False):
+        raise _refuse(where, "nesterov", True, "bitsandbytes' SGD8bit ignores it", "Set nesterov=False.")
+    if _num(h.get("dampening", 0)) != 0:
+        raise _refuse(where, "dampening", h["dampening"], "bitsandbytes' SGD8bit ignores it", "Set dampening=0.")
+    return {"lr": _num(h["lr"]), "momentum": momentum, "weight_decay": _num(h["weight_decay"])}
+
+
+def _rmsprop(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "RMSprop8bit")
+    if h.get("centered", False):
+        raise _refuse(where, "centered", True, "bitsandbytes' RMSprop8bit is not centered", "Set centered=False.")
+    if _num(h.get("momentum", 0)) != 0:
+        raise _refuse(where, "momentum", h["momentum"], "bitsandbytes' RMSprop8bit ignores it", "Set momentum=0.")
+    if _num(h["alpha"]) == 0:
+        raise _refuse(where, "alpha", 0, "bitsandbytes' RMSprop8bit needs alpha > 0", "Use alpha=0.99.")
+    return {k: _num(h[k]) for k in ("lr", "alpha", "eps", "weight_decay")}
+
+
+def _adagrad(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _no_maximize(h, where, "Adagrad8bit")
+    for option in ("lr_decay", "initial_accumulator_value"):
+        if _num(h.get(option, 0)) != 0:
+            raise _refuse(
+                where, option, h[option], "bitsandbytes' Adagrad8bit does not implement it", f"Set {option}=0."
+            )
+    return {k: _num(h[k]) for k in ("lr", "eps", "weight_decay")}
+
+
+def _bnb_same_keys(*keys: str) -> _Translate:
+    # bitsandbytes' own 32-bit optimizers store their hyper-parameters under the constructor's names already
+    def translate(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {k: _num(h[k]) for k in keys}
+
+    return translate
+
+
+def eight_bit_counterpart(optimizer: Optimizer, bnb: ModuleType) -> tuple[Any, _Translate]:
+    """The bitsandbytes 8-bit class for ``optimizer``'s exact type and the function that translates one of its param
+    groups (or its ``defaults``) into that class's keyword arguments; ``TypeError`` for an unsupported optimizer."""
+    torch_table: dict[type, tuple[str, _Translate]] = {
+        torch.optim.Adam: ("Adam8bit", _adam),
+        torch.optim.AdamW: ("AdamW8bit", _adamw),
+        torch.optim.SGD: ("SGD8bit", _sgd),
+        torch.optim.RMSprop: ("RMSprop8bit", _rmsprop),
+        torch.optim.Adagrad: ("Adagrad8bit", _adagrad),
+    }
+    adam_keys = _bnb_same_keys("lr", "betas", "eps", "weight_decay")
+    lion_keys = _bnb_same_keys("lr", "betas", "weight_decay")
+    for base, translate in (("Adam", adam_keys), ("AdamW", adam_keys), ("Lion", lion_keys)):
+        for paged in ("", "Paged"):
+            for suffix in ("", "32bit"):
+                torch_table[getattr(bnb.optim, f"{paged}{base}{suffix}")] = (f"{paged}{base}8bit", translate)
+    # exact types only: a subclass may change the update rule, and its 8-bit version would not
+    entry = torch_table.get(type(optimizer))
+    if entry is None:
+        cls = type(optimizer)
+        raise TypeError(
+            f"EightBitState cannot give {cls.__module__}.{cls.__qualname__} 8-bit state: bitsandbytes has 8-bit "
+            f"versions of {SUPPORTED_OPTIMIZERS}. Use one of those, or configure a bitsandbytes 8-bit optimizer "
+            "(e.g. bitsandbytes.optim.AdamW8bit) yourself and keep EightBitState for its 32-bit exceptions."
+        )
+    name, translate = entry
+    return getattr(bnb.optim, name), translate
+
+
+def bnb_group_keys(target: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The param-group keys bitsandbytes' ``target`` class stores for constructor arguments ``kwargs``."""
+    # bitsandbytes' constructors translate their keyword arguments into param-group keys (SGD8bit keeps momentum as
+    # betas[0], RMSprop8bit alpha as betas[0]); an empty optimizer built with the group's arguments does that for us
+    probe = target(params=[{"params": []}], **kwargs)
+    return {k: v for k, v in probe.param_groups[0].items() if k != "params"}
