@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_memopt.blocks import Block
-from lightning_memopt.compat import disable_input_grad_hooks, enable_input_grad_hooks
+from lightning_memopt.compat import disable_input_grad_hooks, enable_input_grad_hooks, nonfinite_flag
 
 __all__ = ["BlockEngine", "BlockEngineError", "ShardedBlockEngine", "needs_master"]
 
@@ -276,7 +276,7 @@ class BlockEngine:
 
     def all_finite(self, tensors: Sequence[Tensor]) -> bool:
         """Whether every tensor is finite (on every rank, for sharded engines)."""
-        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+        return not bool(nonfinite_flag(tensors).item())
 
     def like(self, tensor: Tensor, like: Tensor) -> Tensor:
         """``tensor`` (as saved in a checkpoint) in the layout of ``like`` (sharded engines re-shard it)."""
@@ -437,11 +437,10 @@ class ShardedBlockEngine(BlockEngine):
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
-        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-        flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.int32).reshape(1)
+        flag = nonfinite_flag([t.to_local() if isinstance(t, DTensor) else t for t in tensors])
         # every rank must take the same decision, and each sees only its shards
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
 
     def like(self, tensor: Tensor, like: Tensor) -> Tensor:
         from torch.distributed.tensor import DTensor, distribute_tensor

@@ -115,3 +115,15 @@ def test_only_compat_touches_other_libraries_private_names():
         if path.name != "compat.py" and private.search(path.read_text())
     ]
     assert offenders == [], offenders
+
+
+def test_nonfinite_flag_is_exact_and_leaves_the_values_alone():
+    tensors = [torch.randn(4, 4, dtype=torch.float64), torch.randn(3).bfloat16(), torch.randn(5, 6).t(), torch.zeros(0)]
+    before = [t.clone() for t in tensors]
+    assert compat.nonfinite_flag(tensors).item() == 0.0
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
+    huge = torch.full((1000,), 3.0e38)  # finite, although any norm of it overflows
+    assert compat.nonfinite_flag([huge]).item() == 0.0
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        tensors[2][1, 1] = bad
+        assert compat.nonfinite_flag(tensors).item() == 1.0
