@@ -212,3 +212,33 @@ def test_strategies_take_the_block_options_once_and_name_a_misspelt_one():
             cls(include_lm_heads=True)
     with pytest.raises(ValueError, match="granularity='row' is not known"):
         BAdamStrategy(granularity="row")  # type: ignore[arg-type]
+
+
+def test_the_distributed_strategies_take_block_and_process_options_from_yaml_style_arguments():
+    from datetime import timedelta
+
+    from jsonargparse import ArgumentParser
+
+    from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy
+    from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+
+    # how LightningCLI reads `strategy: {class_path: ..., init_args: ...}`: the TypedDict options are parameters
+    parser = ArgumentParser()
+    parser.add_argument("--ddp", type=BAdamDDPStrategy)
+    parser.add_argument("--fsdp", type=BAdamFSDPStrategy)
+    config = parser.parse_args(
+        [
+            '--ddp={"class_path": "lightning_memopt.BAdamDDPStrategy", "init_args": {"bucket_cap_mb": 5, '
+            '"include_lm_head": true, "process_group_backend": "gloo", "timeout": "0:05:00"}}',
+            '--fsdp={"class_path": "lightning_memopt.BAdamFSDPStrategy", "init_args": {"granularity": "module", '
+            '"reshard_after_forward": false}}',
+        ]
+    )
+    built = parser.instantiate(config)
+    ddp, fsdp = built.ddp, built.fsdp
+    assert (ddp.bucket_cap_mb, ddp.include_lm_head, ddp.process_group_backend) == (5.0, True, "gloo")
+    assert ddp._timeout == timedelta(minutes=5)
+    assert (fsdp.granularity, fsdp.reshard_after_forward) == ("module", False)
+    assert isinstance(ddp.checkpoint_io, AtomicCheckpointIO) and isinstance(fsdp.checkpoint_io, AtomicCheckpointIO)
+    with pytest.raises(TypeError, match="did you mean 'process_group_backend'"):
+        BAdamDDPStrategy(process_group_backed="gloo")

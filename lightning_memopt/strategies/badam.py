@@ -128,14 +128,15 @@ class BlockStrategy(Strategy):
         if cls.strategy_name not in strategy_registry:
             strategy_registry.register(cls.strategy_name, cls, description=cls.strategy_description)
 
-    def _badam_init(self, options: Mapping[str, Any]) -> None:
+    def _badam_init(self, options: Mapping[str, Any], also_known: Sequence[str] = ()) -> None:
         unknown = [k for k in options if k not in _DEFAULT_OPTIONS]
         if unknown:
-            close = difflib.get_close_matches(unknown[0], list(_DEFAULT_OPTIONS), n=1)
+            known = [*_DEFAULT_OPTIONS, *also_known]
+            close = difflib.get_close_matches(unknown[0], known, n=1)
             raise TypeError(
                 f"{type(self).__name__} got an unexpected option {unknown[0]!r}"
                 + (f"; did you mean {close[0]!r}?" if close else ".")
-                + f" Its block options are: {', '.join(_DEFAULT_OPTIONS)}."
+                + f" Its options are: {', '.join(known)}."
             )
         settings = {**_DEFAULT_OPTIONS, **options}
         granularity = settings["granularity"]

@@ -7,7 +7,7 @@ import re
 import subprocess
 import time
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,10 +25,82 @@ from lightning_memopt.compat import lightning_trainer
 from lightning_memopt.strategies.badam import BlockOptions, BlockStrategy
 from lightning_memopt.strategies.collectives import all_reduce_mean
 
-__all__ = ["BAdamDDPStrategy"]
+__all__ = ["BAdamDDPStrategy", "DistributedBlockStrategy", "DistributedOptions"]
 
 
-class BAdamDDPStrategy(BlockStrategy, DDPStrategy):
+class DistributedOptions(BlockOptions, total=False):
+    """The options of the data-parallel and sharded BAdam strategies: every :class:`BlockOptions` entry and these
+    (defaults in brackets), all keyword arguments.
+
+    Args:
+        process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
+        timeout: process group timeout [30 minutes]: a rank that hangs makes the others fail after this long (one that
+            dies usually makes them fail at once). Their error then says that another rank stopped and names this
+            setting; processes this one launched that are still running are stopped when it exits.
+        start_method: how Lightning launches processes [``"popen"``: re-runs the script, as torchrun does].
+        checkpoint_io: how rank 0 writes checkpoint files; by default
+            :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
+        accelerator: Lightning's accelerator (normally chosen by the Trainer).
+        parallel_devices: the devices (normally from ``Trainer(devices=...)``).
+        cluster_environment: Lightning's cluster environment (normally detected).
+        precision_plugin: Lightning's precision plugin (normally from ``Trainer(precision=...)``).
+
+    Example::
+
+        BAdamDDPStrategy(include_lm_head=True, process_group_backend="gloo", timeout=timedelta(minutes=5))
+    """
+
+    process_group_backend: str | None
+    timeout: timedelta | None
+    start_method: Literal["popen", "spawn", "fork", "forkserver"]
+    checkpoint_io: CheckpointIO | None
+    accelerator: Accelerator | None
+    parallel_devices: list[torch.device] | None
+    cluster_environment: ClusterEnvironment | None
+    precision_plugin: Precision | None
+
+
+_PROCESS_OPTIONS = tuple(sorted(DistributedOptions.__optional_keys__ - BlockOptions.__optional_keys__))
+
+
+class DistributedBlockStrategy(BlockStrategy, DDPStrategy):
+    """The base of the BAdam strategies on several processes (``badam_ddp``, ``badam_fsdp``): Lightning's DDP process
+    handling without its ``DistributedDataParallel`` wrapper, the options of :class:`DistributedOptions`, and an error
+    that says which rank stopped when another rank is lost.
+    """
+
+    def __init__(self, **options: Unpack[DistributedOptions]) -> None:
+        process: dict[str, Any] = {k: v for k, v in options.items() if k in _PROCESS_OPTIONS}
+        self._badam_init({k: v for k, v in options.items() if k not in process}, also_known=_PROCESS_OPTIONS)
+        if process.get("checkpoint_io") is None:
+            process["checkpoint_io"] = AtomicCheckpointIO()
+        process.setdefault("timeout", default_pg_timeout)
+        super().__init__(**process)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if not _lost_another_rank(exception):
+            return
+        procs = list(getattr(self.launcher, "procs", None) or [])
+        trainer = lightning_trainer(self.lightning_module)
+        step = trainer.global_step if trainer is not None else None
+        message = (
+            f"{type(self).__name__}: rank {self.global_rank} of {self.world_size} lost contact with the other ranks"
+            + (f" at step {step}" if step is not None else "")
+            + ": another rank stopped (an error, a kill, the out-of-memory killer) or hangs. "
+            + _children_status(procs)
+            + "That rank's own log shows why. A rank that hangs holds the others until the process group timeout "
+            f"({self._timeout}) runs out; set it with {type(self).__name__}(timeout=datetime.timedelta(minutes=N))."
+        )
+        exception.args = (f"{message}\nOriginal error: {exception.args[0] if exception.args else ''}",)
+        if procs:
+            # Lightning stops the other local ranks only when one of *them* fails; a hung one would outlive this one.
+            # At exit, after the traceback is printed (Lightning's process observer SIGKILLs us once a child is gone).
+            atexit.register(_kill_running, procs)
+
+
+class BAdamDDPStrategy(DistributedBlockStrategy):
     """BAdam with data parallelism: every rank trains the same block; only its FP32 gradients are all-reduced.
 
     PyTorch's ``DistributedDataParallel`` builds its reducer over the parameters that require grad when it wraps the
@@ -39,18 +111,11 @@ class BAdamDDPStrategy(BlockStrategy, DDPStrategy):
     before unscaling, hooks, clipping and the step. Gradient accumulation communicates only once per step, and an
     inf/NaN on one rank reaches every rank, so a ``16-true`` overflow skips the step everywhere.
 
-    Takes every option of :class:`~lightning_memopt.strategies.badam.BlockOptions` as a keyword argument (as
-    :class:`~lightning_memopt.BAdamStrategy` does), the usual DDP options, and:
+    Takes every option of :class:`DistributedOptions` (the block options of :class:`~lightning_memopt.BAdamStrategy`
+    and the process-group ones) as a keyword argument, and:
 
     Args:
         bucket_cap_mb: size of the all-reduce buckets of master gradients, in MiB.
-        process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
-        timeout: process group timeout: a rank that hangs makes the others fail after this long (one that dies
-            usually makes them fail at once). Their error then says that another rank stopped and names this setting;
-            processes this one launched that are still running are stopped when it exits.
-        start_method: how Lightning launches processes (``"popen"`` re-runs the script, as torchrun does).
-        checkpoint_io: how rank 0 writes checkpoint files; by default
-            :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
 
     Example::
 
@@ -64,32 +129,10 @@ class BAdamDDPStrategy(BlockStrategy, DDPStrategy):
     strategy_name = "badam_ddp"
     strategy_description = "BAdam block coordinate descent, data parallel over devices"
 
-    def __init__(
-        self,
-        bucket_cap_mb: float = 25.0,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        accelerator: Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
-        **block_options: Unpack[BlockOptions],
-    ) -> None:
+    def __init__(self, bucket_cap_mb: float = 25.0, **options: Unpack[DistributedOptions]) -> None:
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0 but is: {bucket_cap_mb}")
-        self._badam_init(block_options)
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
+        super().__init__(**options)
         self.bucket_cap_mb = bucket_cap_mb
 
     @override
@@ -112,28 +155,6 @@ class BAdamDDPStrategy(BlockStrategy, DDPStrategy):
                 master.grad = torch.zeros_like(master)
             grads.append(master.grad)
         all_reduce_mean(grads, world, int(self.bucket_cap_mb * 2**20))
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        super().on_exception(exception)
-        if not _lost_another_rank(exception):
-            return
-        procs = list(getattr(self.launcher, "procs", None) or [])
-        trainer = lightning_trainer(self.lightning_module)
-        step = trainer.global_step if trainer is not None else None
-        message = (
-            f"BAdamDDPStrategy: rank {self.global_rank} of {self.world_size} lost contact with the other ranks"
-            + (f" at step {step}" if step is not None else "")
-            + ": another rank stopped (an error, a kill, the out-of-memory killer) or hangs. "
-            + _children_status(procs)
-            + "That rank's own log shows why. A rank that hangs holds the others until the process group timeout "
-            f"({self._timeout}) runs out; set it with BAdamDDPStrategy(timeout=datetime.timedelta(minutes=N))."
-        )
-        exception.args = (f"{message}\nOriginal error: {exception.args[0] if exception.args else ''}",)
-        if procs:
-            # Lightning stops the other local ranks only when one of *them* fails; a hung one would outlive this one.
-            # At exit, after the traceback is printed (Lightning's process observer SIGKILLs us once a child is gone).
-            atexit.register(_kill_running, procs)
 
 
 # gloo, NCCL and c10d name themselves in their errors (a DataLoader's "timed out" must not count) ...

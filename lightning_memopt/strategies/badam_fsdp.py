@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
-from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -22,15 +15,14 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import Unpack, override
 
-from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.engine import ShardedBlockEngine
 from lightning_memopt.precision import MasterGradScalerPrecision
-from lightning_memopt.strategies.badam import BlockOptions, BlockStrategy
+from lightning_memopt.strategies.badam_ddp import DistributedBlockStrategy, DistributedOptions
 
 __all__ = ["BAdamFSDPStrategy"]
 
 
-class BAdamFSDPStrategy(BlockStrategy, DDPStrategy):
+class BAdamFSDPStrategy(DistributedBlockStrategy):
     """BAdam on models too large for one GPU: every block's layer is an FSDP2 unit, so all state is sharded.
 
     Each block's module (one transformer layer by default) is wrapped with
@@ -47,18 +39,14 @@ class BAdamFSDPStrategy(BlockStrategy, DDPStrategy):
     ``precision="16-true"`` is not supported (the loss scaler's overflow check would have to agree across shards);
     use ``bf16-true``.
 
-    Takes every option of :class:`~lightning_memopt.strategies.badam.BlockOptions` as a keyword argument (as
-    :class:`~lightning_memopt.BAdamStrategy` does; with ``granularity="module"``/``"matrix"`` the FSDP units stay whole
-    layers, and a finer block is a part of its layer's unit, whose gradients alone FSDP2 reduce-scatters), and:
+    Takes every option of :class:`~lightning_memopt.strategies.badam_ddp.DistributedOptions` (the block options of
+    :class:`~lightning_memopt.BAdamStrategy` and the process-group ones; rank 0 writes the consolidated checkpoint
+    file) as a keyword argument; with ``granularity="module"``/``"matrix"`` the FSDP units stay whole layers, and a
+    finer block is a part of its layer's unit, whose gradients alone FSDP2 reduce-scatters. And:
 
     Args:
         reshard_after_forward: FSDP2's option: free the gathered weights after forward (less memory, one more
             all-gather in backward).
-        process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
-        timeout: process group timeout.
-        start_method: how Lightning launches processes.
-        checkpoint_io: how rank 0 writes the consolidated checkpoint file; by default
-            :class:`~lightning_memopt.checkpoint_io.AtomicCheckpointIO`, which never leaves a half-written file.
 
     Example::
 
@@ -73,30 +61,8 @@ class BAdamFSDPStrategy(BlockStrategy, DDPStrategy):
     strategy_description = "BAdam block coordinate descent on FSDP2-sharded models"
     engine_class = ShardedBlockEngine
 
-    def __init__(
-        self,
-        reshard_after_forward: bool = True,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        accelerator: Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
-        **block_options: Unpack[BlockOptions],
-    ) -> None:
-        self._badam_init(block_options)
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
+    def __init__(self, reshard_after_forward: bool = True, **options: Unpack[DistributedOptions]) -> None:
+        super().__init__(**options)
         self.reshard_after_forward = reshard_after_forward
         self._mesh: DeviceMesh | None = None
         self._sharded_units: list[nn.Module] = []
