@@ -10,10 +10,7 @@ does not wrap the model in DDP; it all-reduces the active block's FP32 master gr
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_memopt.bench.config import BenchConfig
+from lightning_memopt.bench.matrix import run_worker
 
 __all__ = ["COMM_METHODS", "ByteCounter", "CommMethod", "run_comm", "run_comm_worker"]
 
@@ -202,26 +200,15 @@ def run_comm(
         run_dir.mkdir(parents=True, exist_ok=True)
         for old in run_dir.glob("rank*.json"):
             old.unlink()
-        command_line = [sys.executable, "-m", "lightning_memopt.bench", "comm-worker", "--method", method.name]
-        command_line += ["--config", config.to_json(), "--out", str(run_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
-        log = run_dir / "log.txt"
-        with log.open("w") as handle:
-            try:
-                code = subprocess.run(
-                    command_line, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
-                ).returncode
-            except subprocess.TimeoutExpired:
-                code = None
-        rank0 = run_dir / "rank0.json"
-        if code == 0 and rank0.exists():
-            row = json.loads(rank0.read_text())
+        args = ["comm-worker", "--method", method.name, "--config", config.to_json(), "--out", str(run_dir)]
+        row = run_worker(args, run_dir, config.threads, timeout_s, result="rank0.json")
+        if row is not None:
             rows.append(row)
             tqdm.write(f"{method.label}: {row['bytes_per_step'] / 2**20:,.2f} MiB per step")
         else:
-            reason = "timed out" if code is None else f"exited with code {code}"
-            failed.append({"method": method.name, "label": method.label, "reason": f"{reason}; see {log}"})
-            tqdm.write(f"{method.label}: {reason}\n{log.read_text()[-1500:]}")
+            reason = (run_dir / "error.txt").read_text()
+            failed.append({"method": method.name, "label": method.label, "reason": reason})
+            tqdm.write(f"{method.label}: {reason}\n{(run_dir / 'log.txt').read_text()[-1500:]}")
     results = {
         "config": json.loads(config.to_json()),
         "model": config.model_config(),

@@ -23,11 +23,14 @@ from lightning_memopt.bench.report import machine_info, write_results
 __all__ = ["run_matrix", "run_subprocess", "run_worker"]
 
 
-def run_worker(args: Sequence[str], out: Path, threads: int, timeout_s: float | None = None) -> dict[str, Any] | None:
+def run_worker(
+    args: Sequence[str], out: Path, threads: int, timeout_s: float | None = None, result: str = "row.json"
+) -> dict[str, Any] | None:
     """Run ``python -m lightning_memopt.bench <args>`` in a new interpreter with its output in ``out/log.txt``, and
-    return the ``out/row.json`` it wrote; ``None`` (with the reason in ``out/error.txt``) when it failed."""
+    return the ``out/<result>`` JSON it wrote; ``None`` (with the reason in ``out/error.txt``) when it failed. Every
+    sub-benchmark (matrix, fine-tuning, communication) starts its rows through this one runner."""
     out.mkdir(parents=True, exist_ok=True)
-    row_file = out / "row.json"
+    row_file = out / result
     row_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "lightning_memopt.bench", *args]
     # the OpenMP pool is sized when torch loads: set it before the import, not only with torch.set_num_threads

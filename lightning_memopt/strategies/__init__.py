@@ -9,7 +9,7 @@ from lightning_memopt.strategies.badam import (
     BlockStrategy,
     block_strategy,
 )
-from lightning_memopt.strategies.badam_ddp import BAdamDDPStrategy
+from lightning_memopt.strategies.badam_ddp import BAdamDDPStrategy, DistributedBlockStrategy, DistributedOptions
 from lightning_memopt.strategies.badam_fsdp import BAdamFSDPStrategy
 
 __all__ = [
@@ -20,6 +20,8 @@ __all__ = [
     "BlockCoordinateMixin",
     "BlockOptions",
     "BlockStrategy",
+    "DistributedBlockStrategy",
+    "DistributedOptions",
     "block_strategy",
     "register",
 ]
