@@ -69,7 +69,9 @@ def test_tiny_benchmark_writes_results_and_accounts_exactly(tmp_path):
 def test_rows_with_missing_features_are_skipped_with_a_note(tmp_path, monkeypatch):
     import lightning_memopt.bench.matrix as matrix
 
-    future = Method("future", "BAdam + NoSuchCallback", "bf16-true", "adamw", badam=True, callbacks=("NoSuchCallback",))
+    future = Method(
+        "future", "BAdam + NoSuchCallback", "bf16-true", "adamw", kind="badam", callbacks=("NoSuchCallback",)
+    )
     assert future.missing() == ["NoSuchCallback"]
     monkeypatch.setattr(matrix, "write_results", lambda results, out: None)
     results = matrix.run_matrix([future], BenchConfig(), tmp_path, progress=False)

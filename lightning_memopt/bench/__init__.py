@@ -2,8 +2,10 @@
 
 Run it with ``python -m lightning_memopt.bench`` (see ``--help``); ``python -m lightning_memopt.bench comm``
 measures the bytes communicated per optimizer step under data parallelism. Every method runs in a fresh process on the
-same model, data, seed and number of steps. A method is a small declarative :class:`Method` entry in
-:data:`METHODS`.
+same model, data, seed and number of steps. A method is a small declarative :class:`Method` entry: in
+:data:`METHODS` for the matrix, ``COMM_METHODS`` for communication, ``FT_METHODS`` (``bench.finetune``) for
+fine-tuning; every sub-benchmark builds its Trainer with ``methods.build_trainer`` and starts its rows in fresh
+processes through ``matrix.run_worker``.
 
 Example::
 

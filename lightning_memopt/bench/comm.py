@@ -5,6 +5,12 @@ Plain DDP is measured with a DDP communication hook that counts every bucket it 
 hooks only on CUDA, so a callback registers it on the wrapped model). :class:`~lightning_memopt.BAdamDDPStrategy`
 does not wrap the model in DDP; it all-reduces the active block's FP32 master gradients with
 ``torch.distributed.all_reduce``, which is counted by wrapping that function.
+
+The rows are :class:`~lightning_memopt.bench.Method` entries, like the other benchmarks'; the strategy follows from
+the row's kind:
+
+    >>> [(name, m.build_strategy(devices=2).__class__.__name__) for name, m in COMM_METHODS.items()]
+    [('ddp-mixed', 'str'), ('ddp-bf16', 'str'), ('badam-ddp', 'BAdamDDPStrategy')]
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +29,17 @@ from typing_extensions import override
 
 from lightning_memopt.bench.config import BenchConfig
 from lightning_memopt.bench.matrix import run_worker
+from lightning_memopt.bench.methods import Method, build_trainer
 
-__all__ = ["COMM_METHODS", "ByteCounter", "CommMethod", "run_comm", "run_comm_worker"]
-
-
-@dataclass(frozen=True)
-class CommMethod:
-    """A row of the communication benchmark: a precision, and BAdam's DDP strategy or Lightning's ``ddp``.
-
-    Example::
-
-        >>> CommMethod("badam-ddp-32", "BAdamDDPStrategy (32-true)", "32-true", badam=True).precision
-        '32-true'
-    """
-
-    name: str
-    label: str
-    precision: str
-    badam: bool
+__all__ = ["COMM_METHODS", "ByteCounter", "run_comm", "run_comm_worker"]
 
 
-COMM_METHODS = {
+COMM_METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        CommMethod("ddp-mixed", "DDP + AdamW (bf16-mixed)", "bf16-mixed", badam=False),
-        CommMethod("ddp-bf16", "DDP + AdamW (bf16-true)", "bf16-true", badam=False),
-        CommMethod("badam-ddp", "BAdamDDPStrategy + AdamW (bf16-true)", "bf16-true", badam=True),
+        Method("ddp-mixed", "DDP + AdamW (bf16-mixed)", "bf16-mixed"),
+        Method("ddp-bf16", "DDP + AdamW (bf16-true)", "bf16-true"),
+        Method("badam-ddp", "BAdamDDPStrategy + AdamW (bf16-true)", "bf16-true", kind="badam"),
     )
 }
 
@@ -113,13 +103,13 @@ class ByteCounter(Callback):
         self.step_bytes.append(self._total() - self._start)
 
 
-def run_comm_worker(method: CommMethod, config: BenchConfig, out: Path) -> None:
+def run_comm_worker(method: Method, config: BenchConfig, out: Path) -> None:
     """One method on two gloo processes (this process and one the launcher starts); each rank writes its counts.
 
     Lightning's DDP launcher starts rank 1 by re-running this process's command line, so it must be started as
     ``python -m lightning_memopt.bench comm-worker --method NAME --config JSON --out DIR``, as :func:`run_comm` does.
     """
-    from lightning_memopt import BAdamDDPStrategy, BlockSwitch
+    from lightning_memopt import BlockSwitch
     from lightning_memopt.bench.worker import BenchLM
     from lightning_memopt.data import TextDataModule
 
@@ -129,21 +119,7 @@ def run_comm_worker(method: CommMethod, config: BenchConfig, out: Path) -> None:
     callbacks: list[Callback] = [counter]
     if method.badam:
         callbacks.append(BlockSwitch(every=config.every, order="random", seed=config.seed))
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=BAdamDDPStrategy(process_group_backend="gloo") if method.badam else "ddp",
-        precision=method.precision,  # type: ignore[arg-type]
-        max_steps=config.steps,
-        limit_val_batches=0,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
+    trainer = build_trainer(out, method.precision, config.steps, callbacks, method.build_strategy(devices=2), devices=2)
     data = TextDataModule(seq_len=config.seq_len, batch_size=config.batch_size, max_bytes=config.max_bytes)
     with trainer.init_module():
         model = BenchLM(config.model_config(), "adamw", config)

@@ -24,14 +24,15 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_memopt.bench.finetune_data import BaseConfig, ScheduledLM, TaskConfig
+from lightning_memopt.bench.methods import Method, build_trainer
 from lightning_memopt.bench.worker import held_out_loss
 from lightning_memopt.lm import CausalLM
 
 __all__ = [
     "DEFAULT_FT_METHODS",
+    "FT_DEFAULT_EVERY",
     "FT_METHODS",
     "FinetuneConfig",
-    "FtMethod",
     "HeldOutCurve",
     "quick_config",
     "run_finetune_row",
@@ -42,91 +43,74 @@ EVAL_BATCH = 16
 """Held-out samples per forward pass (no autograd): its peak stays below the training steps' at these lengths."""
 
 
-@dataclass(frozen=True)
-class FtMethod:
-    """One row of the fine-tuning benchmark.
-
-    Args:
-        name: the key on the command line, as in the main benchmark (``adamw-mixed``, ``badam``, ``lora-r8``, ...).
-        label: the row's title.
-        kind: ``"full"`` (every parameter, the optimizer alone), ``"badam"`` (BAdamStrategy + BlockSwitch) or
-            ``"lora"`` (peft adapters on every linear layer, base weights frozen in bf16).
-        precision: Lightning's ``precision=``.
-        optimizer: ``"adamw"``, ``"adamw8bit"`` or ``"sgd"``.
-        lr: peak learning rate (warmup, then cosine), chosen by the sweep on the validation split.
-        every: BAdam's K.
-        order: BlockSwitch order.
-        rank: LoRA rank (alpha = 2 x rank).
-        layers_per_block: BAdam blocks of this many consecutive decoder layers (``BAdamStrategy(layers_per_block=)``;
-            1: one layer per block, the paper's).
-        strategy: extra BAdamStrategy arguments.
-        callbacks: extra callbacks, as ``(class name in lightning_memopt.callbacks, kwargs)``.
-    """
-
-    name: str
-    label: str
-    kind: str
-    precision: str
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    every: int = 3
-    order: str = "random"
-    rank: int = 0
-    layers_per_block: int = 1
-    strategy: dict[str, Any] = field(default_factory=dict)
-    callbacks: tuple[tuple[str, dict[str, Any]], ...] = ()
+FT_DEFAULT_EVERY = 3
+"""BAdam's K for the fine-tuning rows that name none."""
 
 
-FT_METHODS: dict[str, FtMethod] = {
+FT_METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        FtMethod("adamw-mixed", "AdamW (bf16-mixed)", "full", "bf16-mixed", lr=3.33e-4),
-        FtMethod("adamw-bf16", "AdamW (bf16-true)", "full", "bf16-true", lr=3.33e-4),
-        FtMethod("adamw8bit", "AdamW8bit (bf16-mixed)", "full", "bf16-mixed", "adamw8bit", lr=3.33e-4),
-        FtMethod("lora-r8", "LoRA r=8, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=8),
-        FtMethod("lora-r64", "LoRA r=64, all linear (bf16 base)", "lora", "bf16-mixed", lr=3e-3, rank=64),
-        FtMethod("badam", "BAdam + AdamW (bf16-true)", "badam", "bf16-true", lr=6.66e-4),
-        FtMethod("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "badam", "bf16-true", "adamw8bit", lr=6.66e-4),
-        FtMethod("block-sgd", "Block SGD (bf16-true)", "badam", "bf16-true", "sgd", lr=0.15),
-        FtMethod("badam-importance", "BAdam, importance order", "badam", "bf16-true", lr=6.66e-4, order="importance"),
-        FtMethod(
+        Method("adamw-mixed", "AdamW (bf16-mixed)", "bf16-mixed", lr=3.33e-4),
+        Method("adamw-bf16", "AdamW (bf16-true)", "bf16-true", lr=3.33e-4),
+        Method("adamw8bit", "AdamW8bit (bf16-mixed)", "bf16-mixed", "adamw8bit", lr=3.33e-4),
+        Method("lora-r8", "LoRA r=8, all linear (bf16 base)", "bf16-mixed", kind="lora", lr=3e-3, rank=8),
+        Method("lora-r64", "LoRA r=64, all linear (bf16 base)", "bf16-mixed", kind="lora", lr=3e-3, rank=64),
+        Method("badam", "BAdam + AdamW (bf16-true)", "bf16-true", kind="badam", lr=6.66e-4),
+        Method("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "bf16-true", "adamw8bit", kind="badam", lr=6.66e-4),
+        Method("block-sgd", "Block SGD (bf16-true)", "bf16-true", "sgd", kind="badam", lr=0.15),
+        Method(
+            "badam-importance", "BAdam, importance order", "bf16-true", kind="badam", lr=6.66e-4, order="importance"
+        ),
+        Method(
             "badam-statefree",
             "BAdam + StateFreeUpdates (signSGD)",
-            "badam",
             "bf16-true",
+            kind="badam",
             lr=2e-3,
             callbacks=(("StateFreeUpdates", {"rule": "signsgd", "lr_ratio": 0.1}),),
         ),
         # the gap study's variants (docs/benchmarks.md, "Where the gap comes from"): not in the default rows
-        FtMethod(
+        Method(
             "badam-embed-head",
             "BAdam, embedding and head as blocks",
-            "badam",
             "bf16-true",
+            kind="badam",
             lr=2e-3,
             strategy={"include_embedding": True, "include_lm_head": True},
         ),
-        FtMethod(
+        Method(
             "badam-keep-state",
             "BAdam, optimizer state kept across switches",
-            "badam",
             "bf16-true",
+            kind="badam",
             lr=6.66e-4,
             strategy={"keep_optimizer_state": True},
         ),
-        FtMethod(
+        Method(
             "badam-module",
             "BAdam, attention / MLP blocks",
-            "badam",
             "bf16-true",
+            kind="badam",
             lr=2e-3,
             strategy={"granularity": "module"},
         ),
-        FtMethod(
-            "badam-2layer", "BAdam, blocks of 2 layers", "badam", "bf16-true", lr=6.66e-4, every=6, layers_per_block=2
+        Method(
+            "badam-2layer",
+            "BAdam, blocks of 2 layers",
+            "bf16-true",
+            kind="badam",
+            lr=6.66e-4,
+            every=6,
+            layers_per_block=2,
         ),
-        FtMethod(
-            "badam-4layer", "BAdam, blocks of 4 layers", "badam", "bf16-true", lr=6.66e-4, every=12, layers_per_block=4
+        Method(
+            "badam-4layer",
+            "BAdam, blocks of 4 layers",
+            "bf16-true",
+            kind="badam",
+            lr=6.66e-4,
+            every=12,
+            layers_per_block=4,
         ),
     )
 }
@@ -188,8 +172,16 @@ class FinetuneConfig:
         raw = json.loads(text)
         return cls(**{**raw, "base": BaseConfig(**raw["base"]), "task": TaskConfig(**raw["task"])})
 
-    def for_method(self, method: FtMethod) -> FtMethod:
-        return replace(method, lr=self.lr if self.lr is not None else method.lr, every=self.every or method.every)
+    def for_method(self, method: Method) -> Method:
+        """``method`` with this run's lr and K: the sweep's overrides, else the row's (K: else
+        :data:`FT_DEFAULT_EVERY`)."""
+        if method.lr is None and self.lr is None:
+            raise ValueError(f"Fine-tuning row {method.name!r} names no lr: give it one (the sweep's choice).")
+        return replace(
+            method,
+            lr=self.lr if self.lr is not None else method.lr,
+            every=self.every or method.every or FT_DEFAULT_EVERY,
+        )
 
 
 class HeldOutCurve(Callback):
@@ -242,10 +234,10 @@ def _add_lora(module: CausalLM, rank: int) -> None:
 
 
 def run_finetune_row(
-    method: FtMethod, config: FinetuneConfig, base_dir: str, task_dir: str, out: Path, cache_dir: str
+    method: Method, config: FinetuneConfig, base_dir: str, task_dir: str, out: Path, cache_dir: str
 ) -> dict[str, Any]:
     """Fine-tune one row in this process; returns its figures (also written to ``out/row.json``)."""
-    from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport, callbacks
+    from lightning_memopt import BlockSwitch, MemoryReport
     from lightning_memopt.data import InstructionDataModule
     from lightning_memopt.memory import current_rss, reset_peak_rss
 
@@ -283,6 +275,7 @@ def run_finetune_row(
     reset_peak_rss()
     baseline = current_rss()
     dtype = "float32" if method.precision.endswith("mixed") and method.kind != "lora" else "bfloat16"
+    assert method.lr is not None  # for_method guarantees it
     model = ScheduledLM(
         method.optimizer, method.lr, config.steps, config.warmup, model_path=base_dir, dtype=dtype,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -292,29 +285,10 @@ def run_finetune_row(
     curve = HeldOutCurve(curve_loader, config.eval_every)
     report = MemoryReport(every_n_steps=25)
     cbs: list[Callback] = [curve]
-    strategy_args = dict(method.strategy)
-    if method.layers_per_block > 1:
-        strategy_args["layers_per_block"] = method.layers_per_block
-    if method.kind == "badam":
+    if method.badam:
         cbs.append(BlockSwitch(every=method.every, order=method.order, seed=config.seed))  # type: ignore[arg-type]
-    for name, kwargs in method.callbacks:
-        cbs.append(getattr(callbacks, name)(**kwargs))
-    cbs.append(report)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=BAdamStrategy(**strategy_args) if method.kind == "badam" else "auto",
-        precision=method.precision,  # type: ignore[arg-type]
-        max_steps=config.steps,
-        limit_val_batches=0,
-        logger=False,
-        callbacks=cbs,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
+    cbs += [*method.build_callbacks(), report]
+    trainer = build_trainer(out, method.precision, config.steps, cbs, strategy=method.build_strategy())
     base_loss = held_out_loss(model, full_loader, trainer.precision_plugin)
     trainer.fit(model, datamodule=data)
     final_loss = held_out_loss(model, full_loader, trainer.precision_plugin)

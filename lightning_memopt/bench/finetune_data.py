@@ -26,6 +26,7 @@ from typing import Any
 from lightning.pytorch import Callback
 from typing_extensions import override
 
+from lightning_memopt.bench.methods import build_trainer
 from lightning_memopt.lm import CausalLM
 
 __all__ = [
@@ -308,7 +309,7 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
         return json.loads(info_file.read_text())
 
     import torch
-    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch import seed_everything
 
     from lightning_memopt.bench.worker import StepClock
     from lightning_memopt.data import TextDataModule
@@ -325,21 +326,16 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
 
     losses = StepClock()
     skips = _SkipNonFiniteSteps()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=config.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+    trainer = build_trainer(
+        out,
+        "bf16-mixed",
+        config.steps,
+        [losses, skips],
         enable_progress_bar=progress,
         limit_val_batches=20,
         gradient_clip_val=config.clip,
         val_check_interval=config.steps,
         check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        callbacks=[losses, skips],
     )
     start = time.perf_counter()
     trainer.fit(model, data)

@@ -22,9 +22,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lightning_memopt.bench.finetune import FT_METHODS, FinetuneConfig, FtMethod
+from lightning_memopt.bench.finetune import FT_DEFAULT_EVERY, FT_METHODS, FinetuneConfig
 from lightning_memopt.bench.finetune_data import cache_root, make_base, make_task
 from lightning_memopt.bench.matrix import run_worker
+from lightning_memopt.bench.methods import Method
 from lightning_memopt.bench.report import machine_info
 
 __all__ = ["REFERENCE", "evaluate_finetune_targets", "render_finetune", "run_finetune", "run_finetune_sweep"]
@@ -37,7 +38,7 @@ TIME_TOLERANCE = 0.1
 differ by about as much on this shared machine); others are rerun for as many steps as fit."""
 
 
-def _worker_args(method: FtMethod, config: FinetuneConfig, base: str, task: str, out: Path) -> list[str]:
+def _worker_args(method: Method, config: FinetuneConfig, base: str, task: str, out: Path) -> list[str]:
     return [
         "finetune-worker",
         *("--method", method.name, "--config", config.to_json()),
@@ -53,7 +54,7 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def run_finetune(
-    methods: Sequence[FtMethod],
+    methods: Sequence[Method],
     config: FinetuneConfig,
     out: Path,
     seeds: Sequence[int] = (0, 1, 2),
@@ -85,7 +86,7 @@ def run_finetune(
         if row is not None:
             runs.setdefault(method.name, []).append(row)
     reference_seconds = {r["seed"]: r["train_seconds"] for r in runs.get(REFERENCE, [])}
-    longer_plan: list[tuple[FtMethod, FinetuneConfig, Path]] = []
+    longer_plan: list[tuple[Method, FinetuneConfig, Path]] = []
     longer_rows: list[dict[str, Any]] = []
     for name, rows in runs.items():
         for row in rows:
@@ -130,7 +131,7 @@ def run_finetune(
 
 
 def _run_many(
-    plan: Sequence[tuple[FtMethod, FinetuneConfig, Path]],
+    plan: Sequence[tuple[Method, FinetuneConfig, Path]],
     base: str,
     task: str,
     jobs: int,
@@ -145,7 +146,7 @@ def _run_many(
         raise ValueError(f"jobs must be at least 1, got {jobs}.")
     bar = tqdm(total=len(plan), desc=desc, disable=not progress or not plan, dynamic_ncols=True)
 
-    def one(item: tuple[FtMethod, FinetuneConfig, Path]) -> dict[str, Any] | None:
+    def one(item: tuple[Method, FinetuneConfig, Path]) -> dict[str, Any] | None:
         method, run_config, where = item
         row = run_worker(_worker_args(method, run_config, base, task, where), where, run_config.threads, timeout_s)
         bar.set_postfix_str(f"{method.name} seed {run_config.seed}")
@@ -162,7 +163,7 @@ def _run_many(
 
 
 def run_finetune_sweep(
-    methods: Sequence[FtMethod],
+    methods: Sequence[Method],
     config: FinetuneConfig,
     out: Path,
     lr_factors: Sequence[float] = (1 / 3, 1.0, 3.0),
@@ -186,11 +187,12 @@ def run_finetune_sweep(
     config = replace(config, split="val", seed=seed)
     base = make_base(cache_root() / "base", config.base, progress=progress)
     task = make_task(cache_root() / "task", config.task)
-    plan: list[tuple[FtMethod, FinetuneConfig, Path]] = []
+    plan: list[tuple[Method, FinetuneConfig, Path]] = []
     for method in methods:
-        ks = everys if method.kind == "badam" and everys else (method.every,)
+        ks = everys if method.kind == "badam" and everys else (method.every or FT_DEFAULT_EVERY,)
         for factor in lr_factors:
             for k in ks:
+                assert method.lr is not None, method.name  # every fine-tuning row names its lr
                 lr = float(f"{method.lr * factor:.3g}")
                 tag = f"lr{lr:g}" + (f"-K{k}" if method.kind == "badam" else "")
                 plan.append((method, replace(config, lr=lr, every=k), out / "runs" / method.name / tag))

@@ -7,59 +7,154 @@ callbacks do not exist in this version of the package are skipped with a note, s
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
 from torch.optim import Optimizer
 
 from lightning_memopt.bench.config import BenchConfig
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "OPTIMIZERS", "Method", "build_optimizer", "select"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "KINDS",
+    "METHODS",
+    "OPTIMIZERS",
+    "CallbackSpec",
+    "Method",
+    "build_optimizer",
+    "build_trainer",
+    "select",
+]
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
 
 
+Kind = Literal["full", "badam", "lora"]
+KINDS: tuple[str, ...] = ("full", "badam", "lora")
+
+CallbackSpec = str | tuple[str, Mapping[str, Any]]
+"""A callback of a row: a class name in :mod:`lightning_memopt.callbacks` (default arguments) or ``(name, kwargs)``."""
+
+
 @dataclass(frozen=True)
 class Method:
-    """One row of the benchmark.
+    """One row of a benchmark: the memory/speed matrix, the communication benchmark and the fine-tuning benchmark all
+    describe their rows with this type.
 
     Args:
         name: the key on the command line (``--methods badam,adamw-mixed``).
         label: the row's title in tables and plots.
         precision: Lightning's ``precision=``.
-        optimizer: one of :data:`OPTIMIZERS` (hyper-parameters come from :class:`BenchConfig`).
-        badam: train with :class:`~lightning_memopt.BAdamStrategy` and a random-order
-            :class:`~lightning_memopt.BlockSwitch` every ``config.every`` steps.
-        callbacks: names of classes in :mod:`lightning_memopt.callbacks`, added with their default arguments.
+        optimizer: one of :data:`OPTIMIZERS`.
+        kind: ``"full"`` (every parameter, the optimizer alone), ``"badam"`` (a BAdam strategy and a
+            :class:`~lightning_memopt.BlockSwitch`) or ``"lora"`` (peft adapters on every linear layer, base weights
+            frozen in bf16; fine-tuning only).
+        lr: learning rate; ``None``: the benchmark's setting for the optimizer (the fine-tuning rows name theirs, the
+            sweep's choices).
+        every: BAdam's K; ``None``: the benchmark's setting.
+        order: ``BlockSwitch(order=...)``.
+        rank: LoRA rank (alpha = 2 x rank).
+        layers_per_block: BAdam blocks of this many consecutive decoder layers (1: the paper's one layer).
+        strategy: further block options of the BAdam strategy (:class:`~lightning_memopt.strategies.BlockOptions`).
+        callbacks: the package's callbacks the row adds (see :data:`CallbackSpec`).
 
     Example::
 
-        >>> Method("badam-sgd", "BAdam + SGD", "bf16-true", "sgd", badam=True).missing()
+        >>> Method("badam-sgd", "BAdam + SGD", "bf16-true", "sgd", kind="badam").missing()
         []
     """
 
     name: str
     label: str
     precision: str
-    optimizer: str
-    badam: bool = False
-    callbacks: tuple[str, ...] = ()
+    optimizer: str = "adamw"
+    kind: Kind = "full"
+    lr: float | None = None
+    every: int | None = None
+    order: str = "random"
+    rank: int = 0
+    layers_per_block: int = 1
+    strategy: Mapping[str, Any] = field(default_factory=dict)
+    callbacks: tuple[CallbackSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Method {self.name!r}: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}.")
+        if self.kind not in KINDS:
+            raise ValueError(f"Method {self.name!r}: kind {self.kind!r} is not one of {KINDS}.")
+
+    @property
+    def badam(self) -> bool:
+        """Whether a BAdam strategy trains the row."""
+        return self.kind == "badam"
+
+    def callback_specs(self) -> list[tuple[str, dict[str, Any]]]:
+        """The row's callbacks as ``(class name, keyword arguments)``."""
+        return [(c, {}) if isinstance(c, str) else (c[0], dict(c[1])) for c in self.callbacks]
 
     def missing(self) -> list[str]:
         """The callbacks this row needs that the installed package does not have yet."""
         callbacks = importlib.import_module("lightning_memopt.callbacks")
-        return [name for name in self.callbacks if not hasattr(callbacks, name)]
+        return [name for name, _ in self.callback_specs() if not hasattr(callbacks, name)]
 
     def build_callbacks(self) -> list[Callback]:
         callbacks = importlib.import_module("lightning_memopt.callbacks")
-        return [getattr(callbacks, name)() for name in self.callbacks]
+        return [getattr(callbacks, name)(**kwargs) for name, kwargs in self.callback_specs()]
+
+    def block_options(self) -> dict[str, Any]:
+        """The keyword arguments of the row's BAdam strategy."""
+        options = dict(self.strategy)
+        if self.layers_per_block > 1:
+            options["layers_per_block"] = self.layers_per_block
+        return options
+
+    def build_strategy(self, devices: int = 1) -> Any:
+        """The row's strategy on ``devices`` CPU processes: a BAdam strategy for BAdam rows, else Lightning's."""
+        from lightning_memopt import BAdamDDPStrategy, BAdamStrategy
+
+        if devices > 1:
+            return BAdamDDPStrategy(process_group_backend="gloo", **self.block_options()) if self.badam else "ddp"
+        return BAdamStrategy(**self.block_options()) if self.badam else "auto"
+
+
+def build_trainer(
+    out: Path,
+    precision: str,
+    steps: int,
+    callbacks: list[Callback],
+    strategy: Any = "auto",
+    devices: int = 1,
+    **overrides: Any,
+) -> Trainer:
+    """The one Trainer every benchmark row trains with: CPU, ``steps`` optimizer steps, no validation loop,
+    checkpoints, progress bar or model summary (each row measures what it needs through its callbacks); ``overrides``
+    for the few rows that differ (a logger, validation during pretraining, clipping).
+
+    Example::
+
+        trainer = build_trainer(Path("out"), "bf16-true", 10, [StepClock()], strategy=METHODS["badam"].build_strategy())
+    """
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": devices,
+        "strategy": strategy,
+        "precision": precision,
+        "max_steps": steps,
+        "limit_val_batches": 0,
+        "logger": False,
+        "callbacks": callbacks,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": out,
+        **overrides,
+    }
+    return Trainer(**settings)
 
 
 _STABILISERS = ("UpdateClipping", "Beta2Schedule", "RelativeStepSize")
@@ -72,16 +167,16 @@ METHODS: dict[str, Method] = {
         Method("adamw-bf16", "AdamW (bf16-true)", "bf16-true", "adamw"),
         Method("adamw8bit", "AdamW8bit (bf16-mixed)", "bf16-mixed", "adamw8bit"),
         Method("adafactor", "Adafactor (bf16-mixed)", "bf16-mixed", "adafactor"),
-        Method("badam", "BAdam + AdamW (bf16-true)", "bf16-true", "adamw", badam=True),
-        Method("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "bf16-true", "adamw8bit", badam=True),
-        Method("badam-adafactor", "BAdam + Adafactor (bf16-true)", "bf16-true", "adafactor", badam=True),
-        Method("block-sgd", "Block SGD (BAdam + SGD, bf16-true)", "bf16-true", "sgd", badam=True),
+        Method("badam", "BAdam + AdamW (bf16-true)", "bf16-true", "adamw", kind="badam"),
+        Method("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "bf16-true", "adamw8bit", kind="badam"),
+        Method("badam-adafactor", "BAdam + Adafactor (bf16-true)", "bf16-true", "adafactor", kind="badam"),
+        Method("block-sgd", "Block SGD (BAdam + SGD, bf16-true)", "bf16-true", "sgd", kind="badam"),
         Method(
             "badam-eightbitstate",
             "BAdam + EightBitState (bf16-true)",
             "bf16-true",
             "adamw",
-            badam=True,
+            kind="badam",
             callbacks=("EightBitState",),
         ),
         Method(
@@ -89,7 +184,7 @@ METHODS: dict[str, Method] = {
             "BAdam + AdamW + stabilisers (bf16-true)",
             "bf16-true",
             "adamw",
-            badam=True,
+            kind="badam",
             callbacks=_STABILISERS,
         ),
     )

@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.bench.config import BenchConfig
-from lightning_memopt.bench.methods import Method
+from lightning_memopt.bench.methods import Method, build_trainer
 
 __all__ = ["QUICKSTART_LIKE", "SMARTER_METHODS", "GradientBytes", "SmarterMethod", "run_smarter_method"]
 
@@ -74,7 +74,7 @@ class SmarterMethod:
     def method(self) -> Method:
         """The row as the benchmark's :class:`~lightning_memopt.bench.Method` (what tables and plots read)."""
         callbacks = ("StateFreeUpdates",) if self.state_free_ratio is not None else ()
-        return Method(self.name, self.label, "bf16-true", "adamw", badam=True, callbacks=callbacks)
+        return Method(self.name, self.label, "bf16-true", "adamw", kind="badam", callbacks=callbacks)
 
     def build(self, config: BenchConfig) -> tuple[Any, list[Any]]:
         """The strategy and the callbacks (BlockSwitch first) of this row for ``config``."""
@@ -151,22 +151,9 @@ def run_smarter_method(row: SmarterMethod, config: BenchConfig, out: Path) -> di
     report = MemoryReport(every_n_steps=config.memory_every)
     grad_bytes = GradientBytes()
     strategy, callbacks = row.build(config)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        precision="bf16-true",
-        max_steps=config.steps,
-        limit_val_batches=0,
-        logger=False,
-        # BlockSwitch, then the gradient count (before StateFreeUpdates frees the inactive blocks' gradients)
-        callbacks=[clock, callbacks[0], grad_bytes, *callbacks[1:], report],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
+    # BlockSwitch, then the gradient count (before StateFreeUpdates frees the inactive blocks' gradients)
+    ordered = [clock, callbacks[0], grad_bytes, *callbacks[1:], report]
+    trainer = build_trainer(out, "bf16-true", config.steps, ordered, strategy=strategy)
     with trainer.init_module():
         model = BenchLM(config.model_config(), "adamw", config)
     trainer.fit(model, datamodule=data)

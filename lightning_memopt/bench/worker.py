@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.bench.config import BenchConfig
-from lightning_memopt.bench.methods import Method, build_optimizer
+from lightning_memopt.bench.methods import Method, build_optimizer, build_trainer
 from lightning_memopt.data import TextDataModule
 from lightning_memopt.lm import CausalLM, next_token_loss
 from lightning_memopt.memory import MemoryReport, current_rss
@@ -181,29 +181,22 @@ def run_method(method: Method, config: BenchConfig, out: Path) -> dict[str, Any]
     )
     data.setup("fit")
 
-    from lightning_memopt import BAdamStrategy, BlockSwitch
+    from lightning_memopt import BlockSwitch
 
     clock = StepClock()
     report = MemoryReport(every_n_steps=config.memory_every)
     callbacks: list[Callback] = [clock]
     if method.badam:
-        callbacks.append(BlockSwitch(every=config.every, order="random", seed=config.seed))
+        callbacks.append(BlockSwitch(every=method.every or config.every, order=method.order, seed=config.seed))  # type: ignore[arg-type]
     callbacks += [*method.build_callbacks(), report]
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=BAdamStrategy() if method.badam else "auto",
-        precision=method.precision,  # type: ignore[arg-type]
-        max_steps=config.steps,
-        limit_val_batches=0,
+    trainer = build_trainer(
+        out,
+        method.precision,
+        config.steps,
+        callbacks,
+        strategy=method.build_strategy(),
         logger=CSVLogger(out, name="", version=""),
         log_every_n_steps=1,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
     )
     # every row loads it (not only the 8-bit ones), so that all processes start from the same libraries
     with contextlib.suppress(ImportError):
