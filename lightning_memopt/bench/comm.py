@@ -161,7 +161,7 @@ def run_comm(
         results = run_comm(BenchConfig(layers=4, hidden=64, steps=3), Path("out"))
     """
     from lightning_memopt.bench.plots import plot_comm
-    from lightning_memopt.bench.report import machine_info
+    from lightning_memopt.bench.report import results_header
 
     unknown = [m for m in methods if m not in COMM_METHODS]
     if unknown:
@@ -186,10 +186,7 @@ def run_comm(
             failed.append({"method": method.name, "label": method.label, "reason": reason})
             tqdm.write(f"{method.label}: {reason}\n{(run_dir / 'log.txt').read_text()[-1500:]}")
     results = {
-        "config": json.loads(config.to_json()),
-        "model": config.model_config(),
-        "machine": machine_info(config.threads),
-        "command": command,
+        **results_header(config, command),
         "rows": rows,
         "failed": failed,
     }

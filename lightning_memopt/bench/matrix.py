@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lightning_memopt.bench.config import BenchConfig
 from lightning_memopt.bench.methods import Method
-from lightning_memopt.bench.report import machine_info, write_results
+from lightning_memopt.bench.report import results_header, write_results
 
 __all__ = ["run_matrix", "run_subprocess", "run_worker"]
 
@@ -112,10 +112,7 @@ def run_matrix(
                 f"peak {row['peak_bytes'] / 2**20:.0f} MiB, final loss {row['final_loss']:.3f}"
             )
     results = {
-        "config": json.loads(config.to_json()),
-        "model": config.model_config(),
-        "machine": machine_info(config.threads),
-        "command": command,
+        **results_header(config, command),
         "rows": rows,
         "skipped": skipped,
     }

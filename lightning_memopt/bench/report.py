@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TARGETS", "evaluate_targets", "machine_info", "render_markdown", "write_results"]
+__all__ = ["TARGETS", "evaluate_targets", "machine_info", "render_markdown", "results_header", "write_results"]
 
 _MIB = 2**20
 
@@ -22,6 +22,16 @@ TARGETS = {
     "overhead": "BAdam strategy's own work (grad move, copy-back, switching) ≤ 5% of a step",
     "loss": "BAdam's final loss within 5% of AdamW (bf16-mixed)'s at equal steps",
 }
+
+
+def results_header(config: Any, command: str | None) -> dict[str, Any]:
+    """The first keys of every benchmark's results file: its settings, the model, the machine and the command."""
+    return {
+        "config": json.loads(config.to_json()),
+        "model": config.model_config(),
+        "machine": machine_info(config.threads),
+        "command": command,
+    }
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:

@@ -132,21 +132,12 @@ SMARTER_METHODS: dict[str, SmarterMethod] = {
 
 def run_smarter_method(row: SmarterMethod, config: BenchConfig, out: Path) -> dict[str, Any]:
     """Train one row in this process and return its figures (also written to ``out/row.json``)."""
-    import torch
-    from lightning.pytorch import seed_everything
 
-    from lightning_memopt.bench.worker import BenchLM, StepClock, held_out_loss
-    from lightning_memopt.data import TextDataModule
+    from lightning_memopt.bench.worker import BenchLM, StepClock, held_out_loss, start_row
     from lightning_memopt.memory import MemoryReport
 
     began = time.perf_counter()
-    torch.set_num_threads(config.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed, verbose=False)
-    data = TextDataModule(
-        seq_len=config.seq_len, batch_size=config.batch_size, max_bytes=config.max_bytes, val_fraction=0.02
-    )
-    data.setup("fit")
+    data = start_row(config, out)
     clock = StepClock()
     report = MemoryReport(every_n_steps=config.memory_every)
     grad_bytes = GradientBytes()

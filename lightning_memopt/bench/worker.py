@@ -29,7 +29,7 @@ from lightning_memopt.lm import CausalLM, next_token_loss
 from lightning_memopt.memory import MemoryReport, current_rss
 from lightning_memopt.strategies import block_strategy
 
-__all__ = ["BenchLM", "StepClock", "held_out_loss", "max_switch_jump", "run_method"]
+__all__ = ["BenchLM", "StepClock", "held_out_loss", "max_switch_jump", "run_method", "start_row"]
 
 # the strategy's own work around a step: its engine's half grads -> FP32 master grads and masters -> half weights, and
 # block switches
@@ -121,6 +121,24 @@ class StepClock(Callback):
         self.overhead_by_call.append(dict(self._current))
 
 
+def start_row(config: BenchConfig, out: Path) -> TextDataModule:
+    """What every in-process row of the matrix does first: torch threads, the output folder, the seed, and the data
+    (the same text, split and batches for every row).
+
+    Example::
+
+        data = start_row(BenchConfig(layers=2, hidden=32, steps=6), Path("out/badam"))
+    """
+    torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed, verbose=False)
+    data = TextDataModule(
+        seq_len=config.seq_len, batch_size=config.batch_size, max_bytes=config.max_bytes, val_fraction=0.02
+    )
+    data.setup("fit")
+    return data
+
+
 def max_switch_jump(losses: list[float], blocks: list[int | None], window: int = 5) -> float | None:
     """The largest rise of the loss within ``window`` steps after a block switch, over the loss just before it.
 
@@ -173,13 +191,7 @@ def run_method(method: Method, config: BenchConfig, out: Path) -> dict[str, Any]
         row["accounted_bytes"], row["step_time_s"], row["final_loss"]
     """
     began = time.perf_counter()
-    torch.set_num_threads(config.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed, verbose=False)
-    data = TextDataModule(
-        seq_len=config.seq_len, batch_size=config.batch_size, max_bytes=config.max_bytes, val_fraction=0.02
-    )
-    data.setup("fit")
+    data = start_row(config, out)
 
     from lightning_memopt import BlockSwitch
 
