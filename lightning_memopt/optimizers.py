@@ -42,6 +42,7 @@ __all__ = [
     "optimizer_state_bytes",
     "predict_optimizer_state_bytes",
     "state_bytes_per_param",
+    "steps_each_tensor_alone",
 ]
 
 BNB_INSTALL = "pip install -U 'bitsandbytes>=0.50'"
@@ -160,6 +161,45 @@ def lr_scales_update(optimizer: Optimizer) -> bool:
     if isinstance(optimizer, torch.optim.Adagrad):
         return all(float(g.get("lr_decay", 0.0)) == 0.0 for g in optimizer.param_groups)
     return isinstance(optimizer, _TORCH_LR_LINEAR)
+
+
+# torch optimizers whose rule treats each parameter tensor on its own (LBFGS re-evaluates the loss; SparseAdam needs
+# sparse gradients)
+_TORCH_PER_TENSOR = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adafactor,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+    torch.optim.Adadelta,
+)
+
+
+def steps_each_tensor_alone(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer``'s step for one parameter depends on that parameter's gradient and state alone, so that
+    stepping it one parameter at a time (the update in backward) equals one step over all of them.
+
+    Exact types only for torch's optimizers (a subclass may couple tensors); every bitsandbytes optimizer (its LAMB
+    and LARS trust ratios are per tensor too) and :class:`~lightning_memopt.optim.AdaLomo`.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> steps_each_tensor_alone(torch.optim.AdamW([w])), steps_each_tensor_alone(torch.optim.LBFGS([w]))
+        (True, False)
+    """
+    cls = type(optimizer)
+    if cls in _TORCH_PER_TENSOR:
+        return True
+    if bitsandbytes_kernel(optimizer) is not None:
+        return True
+    return f"{cls.__module__}.{cls.__qualname__}" == "lightning_memopt.optim.AdaLomo"
 
 
 # ---------------------------------------------------------------------------------------------------- bitsandbytes

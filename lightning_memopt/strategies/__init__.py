@@ -11,6 +11,7 @@ from lightning_memopt.strategies.badam import (
 )
 from lightning_memopt.strategies.badam_ddp import BAdamDDPStrategy, DistributedBlockStrategy, DistributedOptions
 from lightning_memopt.strategies.badam_fsdp import BAdamFSDPStrategy
+from lightning_memopt.strategies.fused import FusedUpdateStrategy
 
 __all__ = [
     "STRATEGIES",
@@ -22,6 +23,7 @@ __all__ = [
     "BlockStrategy",
     "DistributedBlockStrategy",
     "DistributedOptions",
+    "FusedUpdateStrategy",
     "block_strategy",
     "register",
 ]
@@ -42,3 +44,4 @@ def register(strategy_registry: Any) -> None:
     """
     for strategy in STRATEGIES:
         strategy.register_strategies(strategy_registry)
+    FusedUpdateStrategy.register_strategies(strategy_registry)

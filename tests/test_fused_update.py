@@ -1,0 +1,312 @@
+"""The update in backward: AdaLomo against the paper's equations and the authors' package, and FusedUpdateStrategy
+against the same steps taken after backward (a plain PyTorch loop, and Lightning's own strategy)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from models import LlamaModule, token_loader, trainer_kwargs, weights
+
+from lightning_memopt.optim import AdaLomo
+from lightning_memopt.strategies import FusedUpdateStrategy
+
+
+# ------------------------------------------------------------------------------------------------------- AdaLomo
+def _paper_adalomo(params, grads_per_step, lr, eps1=1e-30, eps2=1e-3, d=1.0, decay=-0.8, wd=0.0):
+    """AdaLomo in float64 as the paper writes it: row and column *sums*, V = R C / 1ᵀR, no library code."""
+    params = [p.clone().double() for p in params]
+    rows = [None] * len(params)
+    cols = [None] * len(params)
+    full = [None] * len(params)
+    for t, grads in enumerate(grads_per_step, start=1):
+        beta2 = 1.0 - t**decay
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            g = g.double()
+            sq = g * g + eps1
+            if g.dim() >= 2:
+                r, c = sq.sum(dim=-1), sq.sum(dim=-2)
+                rows[i] = r if rows[i] is None else beta2 * rows[i] + (1 - beta2) * r
+                cols[i] = c if cols[i] is None else beta2 * cols[i] + (1 - beta2) * c
+                v = rows[i].unsqueeze(-1) * cols[i].unsqueeze(-2) / rows[i].sum(dim=-1, keepdim=True).unsqueeze(-1)
+            else:
+                full[i] = sq if full[i] is None else beta2 * full[i] + (1 - beta2) * sq
+                v = full[i]
+            u = g / v.sqrt()
+            u = u / max(1.0, float(u.pow(2).mean().sqrt()) / d)
+            alpha = lr * max(eps2, float(p.pow(2).mean().sqrt()))
+            params[i] = p * (1 - alpha * wd) - alpha * u
+    return params
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adalomo_follows_the_papers_equations_in_float64(weight_decay):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (7,), (3, 4, 5)]
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    # gradients of very different scales, so that the update clipping acts on some steps and not on others
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** (k - 2) for s in shapes] for k in range(5)]
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    optimizer = AdaLomo(params, lr=0.05, weight_decay=weight_decay)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+    expected = _paper_adalomo(start, grads, lr=0.05, wd=weight_decay)
+    for got, want in zip(params, expected, strict=True):
+        assert torch.allclose(got.detach(), want, rtol=1e-12, atol=1e-14)
+    moved = [float((p.detach() - s).abs().max()) for p, s in zip(params, start, strict=True)]
+    assert all(m > 1e-3 for m in moved)
+
+
+def test_adalomo_matches_the_authors_lomo_optim_package(monkeypatch):
+    import lomo_optim  # installed with the dev extra: the reference must run, not be skipped
+
+    # the package allocates its state with .cuda(); on this CPU machine that must be a no-op
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    ours_module = LlamaModule(num_layers=2).model
+    theirs_module = LlamaModule(num_layers=2).model
+    theirs_module.load_state_dict(ours_module.state_dict())
+    theirs = lomo_optim.AdaLomo(theirs_module, lr=1e-2, loss_scale=0)
+    ours = AdaLomo(ours_module.parameters(), lr=1e-2)
+    start = weights(ours_module)
+    for _, (x,) in zip(range(3), token_loader(n=12), strict=False):
+        loss = ours_module(input_ids=x, labels=x).loss
+        loss.backward()
+        ours.step()
+        ours.zero_grad(set_to_none=True)
+        theirs.fused_backward(theirs_module(input_ids=x, labels=x).loss, 1e-2)
+    for (name, mine), (_, reference) in zip(
+        ours_module.named_parameters(), theirs_module.named_parameters(), strict=True
+    ):
+        assert torch.allclose(mine, reference, rtol=1e-5, atol=1e-7), name
+        assert not torch.equal(mine.detach(), start[name]), name
+
+
+def test_adalomo_keeps_fp32_state_for_bf16_parameters_across_a_state_dict_round_trip():
+    w = torch.nn.Parameter(torch.randn(4, 3).bfloat16())
+    optimizer = AdaLomo([w], lr=0.1)
+    w.grad = torch.randn(4, 3).bfloat16()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    fresh = AdaLomo([w], lr=0.1)
+    fresh.load_state_dict(saved)
+    state = fresh.state[w]
+    assert state["exp_avg_sq_row"].dtype == torch.float32 and state["step"] == 1
+    assert torch.equal(state["exp_avg_sq_col"], optimizer.state[w]["exp_avg_sq_col"])
+
+
+# --------------------------------------------------------------------------------------- FusedUpdateStrategy
+class Module(LlamaModule):
+    """``LlamaModule`` with the optimizers these tests need and an optional per-step LR schedule."""
+
+    def __init__(self, optimizer: str = "sgd-plain", scheduled: bool = False, **kwargs: Any) -> None:
+        super().__init__(optimizer=optimizer, n=24, **kwargs)
+        self.scheduled = scheduled
+
+    def configure_optimizers(self):
+        optimizer = build(self.optimizer_name, self.parameters(), self.lr)
+        if not self.scheduled:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def build(name: str, params, lr: float):
+    params = list(params)
+    if name == "sgd-plain":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if name == "adalomo":
+        return AdaLomo(params, lr=lr)
+    raise ValueError(name)
+
+
+LRS = {"sgd-plain": 0.5, "adamw": 1e-2, "adalomo": 1e-2}
+
+
+def _fit(tmp_path, strategy, precision="32-true", steps=4, optimizer="sgd-plain", **kw) -> Module:
+    model = Module(optimizer=optimizer, lr=LRS[optimizer], scheduled=kw.pop("scheduled", False))
+    Trainer(**trainer_kwargs(tmp_path, strategy=strategy, precision=precision, max_steps=steps, **kw)).fit(model)
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-plain", "adamw", "adalomo"])
+def test_fused_steps_equal_a_plain_loop_that_steps_after_backward(tmp_path, optimizer):
+    monitor = LearningRateMonitor(logging_interval="step")
+    fused = _fit(
+        tmp_path, "fused_update", optimizer=optimizer, scheduled=True, callbacks=[monitor], logger=CSVLogger(tmp_path)
+    )
+    reference = Module(optimizer=optimizer, lr=LRS[optimizer]).model  # the same initial weights (seeded)
+    start = weights(reference)
+    opt = build(optimizer, reference.parameters(), LRS[optimizer])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    for _, (x,) in zip(range(4), token_loader(n=24), strict=False):
+        reference(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+    for name, param in reference.named_parameters():
+        got = fused.model.get_parameter(name).detach()
+        assert torch.allclose(got, param.detach(), rtol=1e-6, atol=1e-7), name
+        assert not torch.equal(got, start[name]), name  # every parameter was trained
+
+
+def test_the_lr_of_each_step_is_the_schedules(tmp_path):
+    # SGD without momentum: the change of a weight in a step is exactly -lr_t * g_t, so the schedule is visible in it
+    model = Module(optimizer="sgd-plain", lr=0.5, scheduled=True)
+    seen: list[float] = []
+
+    name = "model.lm_head.weight"
+    param = model.get_parameter(name)
+
+    def record(p):
+        if p.grad is not None:
+            seen.append((p.detach().clone(), p.grad.detach().clone()))
+
+    param.register_post_accumulate_grad_hook(record)  # registered first: runs before the strategy's step
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", max_steps=3))
+    trainer.fit(model)
+    assert len(seen) == 3
+    after = [w for w, _ in seen[1:]] + [param.detach()]
+    used = [float(((w0 - w1) * g).sum() / (g * g).sum()) for (w0, g), w1 in zip(seen, after, strict=True)]
+    assert used == pytest.approx([0.5, 0.25, 0.5 / 3], rel=1e-5)
+
+
+def test_no_gradient_outlives_its_parameters_step(tmp_path):
+    model = Module(optimizer="adamw", lr=1e-2)
+    live: list[int] = []
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(
+            lambda p: live.append(sum(q.grad is not None for q in model.parameters()))
+        )
+    after_backward: list[int] = []
+
+    original = model.on_before_optimizer_step
+
+    def on_before_optimizer_step(optimizer):
+        after_backward.append(sum(p.grad is not None for p in model.parameters()))
+        original(optimizer)
+
+    model.on_before_optimizer_step = on_before_optimizer_step  # type: ignore[method-assign]
+    Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", max_steps=2)).fit(model)
+    assert after_backward == [0, 0]  # every gradient was freed during backward
+    # when a parameter's gradient is complete, at most the few whose hooks are about to run hold one
+    assert max(live) <= 2, max(live)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adalomo"])
+def test_bf16_true_equals_lightnings_step_after_backward(tmp_path, optimizer):
+    fused = _fit(tmp_path / "f", "fused_update", precision="bf16-true", optimizer=optimizer)
+    plain = _fit(tmp_path / "p", "auto", precision="bf16-true", optimizer=optimizer)
+    start = weights(Module(optimizer=optimizer).model.to(torch.bfloat16))
+    for name, param in plain.named_parameters():
+        got = fused.get_parameter(name).detach()
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, param.detach()), name
+    assert not torch.equal(fused.model.lm_head.weight.detach(), start["lm_head.weight"])
+
+
+def test_stochastic_rounding_keeps_updates_below_half_a_bf16_ulp(tmp_path):
+    # lr so small that every SGD update is far below half a bf16 ulp: round-to-nearest loses all of them
+    def run(strategy):
+        model = Module(optimizer="sgd-plain", lr=1e-8)
+        Trainer(**trainer_kwargs(tmp_path, strategy=strategy, precision="bf16-true", max_steps=3)).fit(model)
+        return model
+
+    start = weights(Module(optimizer="sgd-plain").to(torch.bfloat16))
+    nearest = run("fused_update")
+    rounded = run(FusedUpdateStrategy(stochastic_rounding=True, seed=3))
+    changed = {
+        label: sum(int((m.get_parameter(n).detach() != start[n]).sum()) for n in start)
+        for label, m in (("nearest", nearest), ("stochastic", rounded))
+    }
+    assert changed["nearest"] == 0
+    assert changed["stochastic"] > 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "optimizer", "precision"),
+    [
+        ("fused_update", "adamw", "32-true"),
+        ("fused_update", "adalomo", "bf16-true"),
+        ("stochastic", "adamw", "bf16-true"),
+    ],
+)
+def test_resume_is_bit_exact(tmp_path, strategy, optimizer, precision):
+    def make_strategy():
+        return FusedUpdateStrategy(stochastic_rounding=True, seed=1) if strategy == "stochastic" else strategy
+
+    # 24 samples in batches of 4: six steps per epoch; checkpoint at the epoch boundary after step 6
+    straight = _fit(tmp_path / "a", make_strategy(), precision=precision, steps=9, optimizer=optimizer)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    _fit(tmp_path / "b", make_strategy(), precision=precision, steps=6, optimizer=optimizer, callbacks=[every],
+         enable_checkpointing=True)  # fmt: skip
+    resumed = Module(optimizer=optimizer, lr=LRS[optimizer])
+    trainer = Trainer(**trainer_kwargs(tmp_path / "c", strategy=make_strategy(), precision=precision, max_steps=9))
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
+    for name, param in straight.named_parameters():
+        assert torch.equal(resumed.get_parameter(name).detach(), param.detach()), name
+    if optimizer == "adalomo":
+        state = next(iter(trainer.optimizers[0].state.values()))
+        assert all(v.dtype == torch.float32 for k, v in state.items() if k.startswith("exp_avg_sq"))
+
+
+def test_a_nan_loss_skips_the_whole_step(tmp_path):
+    class NaNAtStep1(Module):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 1 else loss
+
+    model = NaNAtStep1(optimizer="sgd-plain", lr=0.5)
+    snapshots = []
+
+    class Snap(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append(weights(pl_module))
+
+    with pytest.warns(UserWarning, match="loss is inf/NaN at step 1"):
+        Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", max_steps=3, callbacks=[Snap()])).fit(model)
+    assert all(torch.equal(snapshots[1][n], snapshots[0][n]) for n in snapshots[0])  # step 1 changed nothing
+    assert not torch.equal(snapshots[2]["model.lm_head.weight"], snapshots[1]["model.lm_head.weight"])
+    assert all(torch.isfinite(w).all() for w in snapshots[2].values())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"accumulate_grad_batches": 2}, "cannot accumulate gradients"),
+        ({"gradient_clip_val": 1.0}, "cannot clip by the global gradient norm.*UpdateClipping"),
+        ({"precision": "16-true"}, "does not support precision='16-true'"),
+    ],
+)
+def test_what_a_step_in_backward_cannot_do_is_refused(tmp_path, settings, message):
+    model = Module(optimizer="adamw", lr=1e-2)
+    before = weights(model)
+    with pytest.raises(MisconfigurationException, match=message):
+        Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", max_steps=2, **settings)).fit(model)
+    # nothing was trained (16-true has cast the weights to fp16 before the check: compare in that dtype)
+    assert all(torch.equal(p.detach(), before[n].to(p.dtype)) for n, p in model.named_parameters())
+
+
+def test_an_optimizer_that_couples_tensors_is_refused(tmp_path):
+    class WithLBFGS(Module):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    with pytest.raises(MisconfigurationException, match=r"torch.optim.LBFGS cannot be stepped one parameter"):
+        Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", max_steps=1)).fit(WithLBFGS())
+
+
+def test_the_strategy_is_registered():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert "fused_update" in StrategyRegistry
+    assert math.isclose(FusedUpdateStrategy(stochastic_rounding=True).seed, 0)
