@@ -46,6 +46,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_memopt.blocks import Block
 from lightning_memopt.compat import disable_input_grad_hooks, enable_input_grad_hooks, nonfinite_flag
+from lightning_memopt.optimizers import step_one_tensor
 
 __all__ = ["BlockEngine", "BlockEngineError", "ShardedBlockEngine", "needs_master"]
 
@@ -84,6 +85,9 @@ class BlockEngine:
         input_requires_grad: make each active block's input require grad (reentrant gradient checkpointing needs it
             to reach the block); transformers' own input-grad hooks, which would run backward through every frozen
             layer below, are disabled meanwhile.
+        fused_update: step each active master during backward, as soon as its half weight's gradient is complete
+            (a post-accumulate-grad hook), and copy it back at once: no FP32 gradient buffer for the block exists.
+            Needs :attr:`step_in_backward` set while the step's backward runs.
 
     Example::
 
@@ -103,8 +107,10 @@ class BlockEngine:
         *,
         keep_optimizer_state: bool = False,
         input_requires_grad: bool = False,
+        fused_update: bool = False,
     ) -> None:
         self.module = module
+        self.fused_update = fused_update
         self.blocks = list(blocks)
         self.optimizer = optimizer
         self.keep_optimizer_state = keep_optimizer_state
@@ -120,7 +126,16 @@ class BlockEngine:
         self._original_requires_grad = {n: p.requires_grad for n, p in self.params.items()}
         self._input_hooks: list[RemovableHandle] = []
         self._disabled_input_grad_hooks: list[nn.Module] = []
+        self._fused_hooks: list[RemovableHandle] = []
+        self.step_in_backward: Callable[[], Any] | None = None
+        """With ``fused_update``: the optimizer's own ``step`` while a step's backward runs (the strategy sets it)."""
+        self.reduce_grad: Callable[[Tensor], None] | None = None
+        """With ``fused_update``: averages one FP32 master gradient over the ranks before it is stepped (DDP)."""
+        self.skipped: list[str] = []
+        """With ``fused_update``: the parameters whose inf/NaN gradient skipped their update in this step."""
         self.group_members = self._group_members()
+        self._group_index = {n: i for i, members in enumerate(self.group_members) for n in members}
+        self._name_of = {id(p): n for n, p in self.params.items()}
         """For each param group, the names of the parameters it was configured with (active or not)."""
         in_optimizer = {n for members in self.group_members for n in members}
         in_blocks = {n for b in self.blocks for n in b.param_names}
@@ -196,6 +211,9 @@ class BlockEngine:
                     }
         self.active = chosen
         self._update_input_hooks()
+        if self.fused_update:
+            for name in self.masters:
+                self._fused_hooks.append(self.params[name].register_post_accumulate_grad_hook(self._step_in_backward))
         if self.on_activate is not None:
             self.on_activate(chosen[0])
         return True
@@ -209,6 +227,9 @@ class BlockEngine:
                     self.stash[name] = optimizer.state[master]
         # a fresh state dict: leftover keys of dropped masters would keep them alive and break state_dict()
         optimizer.state = defaultdict(dict)
+        for handle in self._fused_hooks:
+            handle.remove()
+        self._fused_hooks = []
         for name in self.masters:
             param = self.params[name]
             param.grad = None
@@ -243,6 +264,34 @@ class BlockEngine:
                 master.grad = grad
             else:
                 master.grad.add_(grad)
+
+    @torch.no_grad()
+    def _step_in_backward(self, param: Tensor) -> None:
+        # fused_update: this half weight's gradient is complete; step its master now and free both gradients
+        if self.step_in_backward is None or param.grad is None:
+            return  # a backward outside an optimizer step: grads_to_masters takes the gradient as usual
+        name = self._name_of[id(param)]
+        master = self.masters[name]
+        grad = param.grad
+        if master is not param:
+            param.grad = None
+            master.grad = self.fp32_grad(grad, param)
+        if self.reduce_grad is not None:
+            self.reduce_grad(master.grad)  # type: ignore[arg-type]
+        if not self.all_finite([master.grad]):  # type: ignore[list-item]
+            self.skipped.append(name)
+            master.grad = None
+            return
+        step_one_tensor(self.step_in_backward, self.optimizer, master, self._group_index[name])
+        master.grad = None
+        if master is not param:
+            if not self.all_finite([master]):
+                raise RuntimeError(
+                    f"BAdam: the optimizer produced inf/NaN master weights for {name!r} from finite gradients, so "
+                    "its half-precision weight was not updated. Lower the learning rate or check the optimizer's "
+                    "settings (eps, weight decay), then resume from the last checkpoint."
+                )
+            param.copy_(master)
 
     def fp32_grad(self, grad: Tensor, param: Tensor) -> Tensor:
         """``grad`` of the half weight ``param`` as an FP32 master gradient."""
@@ -389,9 +438,10 @@ class BlockEngine:
         The active masters and optimizer state stay (on the CPU, like the model after fit), so a checkpoint written
         after fit holds the same resumable state as one written at the last step.
         """
-        for handle in self._input_hooks:
+        for handle in [*self._input_hooks, *self._fused_hooks]:
             handle.remove()
         self._input_hooks = []
+        self._fused_hooks = []
         with torch.no_grad():
             for name, master in self.masters.items():
                 if master is not self.params[name]:
@@ -417,6 +467,34 @@ class ShardedBlockEngine(BlockEngine):
     """
 
     sharded = True
+
+    @torch.no_grad()
+    def _step_in_backward(self, param: Tensor) -> None:
+        # fused_update: this half weight's gradient is complete; step its master now and free both gradients
+        if self.step_in_backward is None or param.grad is None:
+            return  # a backward outside an optimizer step: grads_to_masters takes the gradient as usual
+        name = self._name_of[id(param)]
+        master = self.masters[name]
+        grad = param.grad
+        if master is not param:
+            param.grad = None
+            master.grad = self.fp32_grad(grad, param)
+        if self.reduce_grad is not None:
+            self.reduce_grad(master.grad)  # type: ignore[arg-type]
+        if not self.all_finite([master.grad]):  # type: ignore[list-item]
+            self.skipped.append(name)
+            master.grad = None
+            return
+        step_one_tensor(self.step_in_backward, self.optimizer, master, self._group_index[name])
+        master.grad = None
+        if master is not param:
+            if not self.all_finite([master]):
+                raise RuntimeError(
+                    f"BAdam: the optimizer produced inf/NaN master weights for {name!r} from finite gradients, so "
+                    "its half-precision weight was not updated. Lower the learning rate or check the optimizer's "
+                    "settings (eps, weight decay), then resume from the last checkpoint."
+                )
+            param.copy_(master)
 
     def fp32_grad(self, grad: Tensor, param: Tensor) -> Tensor:
         from torch.distributed.tensor import DTensor

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -42,7 +43,9 @@ __all__ = [
     "optimizer_state_bytes",
     "predict_optimizer_state_bytes",
     "state_bytes_per_param",
+    "step_one_tensor",
     "steps_each_tensor_alone",
+    "steps_in_backward",
 ]
 
 BNB_INSTALL = "pip install -U 'bitsandbytes>=0.50'"
@@ -200,6 +203,58 @@ def steps_each_tensor_alone(optimizer: Optimizer) -> bool:
     if bitsandbytes_kernel(optimizer) is not None:
         return True
     return f"{cls.__module__}.{cls.__qualname__}" == "lightning_memopt.optim.AdaLomo"
+
+
+def step_one_tensor(step: Callable[[], Any], optimizer: Optimizer, tensor: Tensor, group_index: int) -> None:
+    """Step ``optimizer`` for ``tensor`` alone: every param group is narrowed to nothing but ``tensor`` in group
+    ``group_index`` (its lr, betas, weight decay), ``step()`` runs, and the groups are restored. What the update in
+    backward does for each parameter as its gradient completes.
+
+    Example::
+
+        >>> w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+        >>> sgd = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr": 0.5}], lr=0.1)
+        >>> w.grad, b.grad = torch.ones(2), torch.ones(1)
+        >>> step_one_tensor(sgd.step, sgd, b, 1)
+        >>> w.tolist(), b.tolist(), [len(g["params"]) for g in sgd.param_groups]
+        ([1.0, 1.0], [0.5], [1, 1])
+    """
+    groups = optimizer.param_groups
+    saved = [group["params"] for group in groups]
+    for group in groups:
+        group["params"] = []
+    groups[group_index]["params"] = [tensor]
+    try:
+        step()
+    finally:
+        for group, params in zip(groups, saved, strict=True):
+            group["params"] = params
+
+
+@contextmanager
+def steps_in_backward(optimizer: Optimizer) -> Iterator[Callable[[], Any]]:
+    """Within the block, ``optimizer.step(closure)`` only runs the closure (the parameters are stepped during its
+    backward); yields the optimizer's own ``step`` (an LR scheduler's counting wrapper included) for those steps.
+
+    Example::
+
+        with steps_in_backward(optimizer) as step:
+            ...  # Lightning's optimizer.step(closure) runs the closure; hooks call step_one_tensor(step, ...)
+    """
+    own = optimizer.__dict__.get("step")
+    real = optimizer.step
+    optimizer.step = _run_closure  # type: ignore[method-assign]
+    try:
+        yield real
+    finally:
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own  # type: ignore[method-assign]
+
+
+def _run_closure(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+    return closure() if closure is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------- bitsandbytes

@@ -100,7 +100,7 @@ class Record(Callback):
             def closure_then_measure():
                 loss = closure()
                 grads = [m.grad for m in trainer.strategy.master_params.values() if m.grad is not None]
-                self.stepped_grad_norms.append(float(torch.nn.utils.get_total_norm(grads)))
+                self.stepped_grad_norms.append(float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0)
                 return loss
 
             return step(closure=closure_then_measure if closure is not None else None, **kwargs)
@@ -123,7 +123,9 @@ class Record(Callback):
         local = [_local(m) for m in strategy.master_params.values()]
         self.local_master_bytes.append(sum(t.numel() * t.element_size() for t in local))
         self.local_weight_bytes.append(sum(_local(p).numel() * p.element_size() for p in pl_module.parameters()))
-        self.grad_norms.append(float(torch.nn.utils.get_total_norm([m.grad for m in strategy.master_params.values()])))
+        grads = [m.grad for m in strategy.master_params.values() if m.grad is not None]
+        # with the update in backward the masters were stepped, and their gradients freed, during backward
+        self.grad_norms.append(float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batch_bytes.append(_bytes["now"] - self._batch_start)
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--ckpt-out", default=None)
     parser.add_argument("--checkpointing", default="none", choices=["none", "reentrant", "non_reentrant"])
+    parser.add_argument("--fused-update", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -188,9 +191,9 @@ def main() -> None:
     if args.devices > 1 and args.strategy == "badam_fsdp":
         strategy = BAdamFSDPStrategy()
     elif args.devices > 1:
-        strategy = BAdamDDPStrategy(bucket_cap_mb=args.bucket_cap_mb)
+        strategy = BAdamDDPStrategy(bucket_cap_mb=args.bucket_cap_mb, fused_update=args.fused_update)
     else:
-        strategy = BAdamStrategy()
+        strategy = BAdamStrategy(fused_update=args.fused_update)
     if args.checkpointing != "none":
         # what CausalLM(gradient_checkpointing=True) calls
         kwargs = {"use_reentrant": args.checkpointing == "reentrant"}

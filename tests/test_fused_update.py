@@ -310,3 +310,92 @@ def test_the_strategy_is_registered():
 
     assert "fused_update" in StrategyRegistry
     assert math.isclose(FusedUpdateStrategy(stochastic_rounding=True).seed, 0)
+
+
+# ------------------------------------------------------------------------------------- BAdam, update in backward
+def _badam(tmp_path, fused: bool, optimizer: str, precision: str = "bf16-true", steps: int = 6, **kw) -> Module:
+    from lightning_memopt import BAdamStrategy, BlockSwitch
+
+    model = Module(optimizer=optimizer, lr=LRS[optimizer], num_layers=3)
+    callbacks = [BlockSwitch(every=2, order="random", seed=5), *kw.pop("callbacks", [])]
+    ckpt_path = kw.pop("ckpt_path", None)
+    strategy = BAdamStrategy(fused_update=fused, include_lm_head=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, strategy=strategy, precision=precision, max_steps=steps, callbacks=callbacks, **kw)
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize(("optimizer", "precision"), [("adamw", "bf16-true"), ("sgd-plain", "bf16-true"),
+                                                      ("adalomo", "bf16-true"), ("adamw", "32-true")])  # fmt: skip
+def test_badam_with_the_update_in_backward_equals_badam_without_it(tmp_path, optimizer, precision):
+    fused = _badam(tmp_path / "f", True, optimizer, precision)
+    plain = _badam(tmp_path / "p", False, optimizer, precision)
+    start = weights(Module(optimizer=optimizer, num_layers=3).to(fused.dtype))
+    for name, param in plain.named_parameters():
+        assert torch.equal(fused.get_parameter(name).detach(), param.detach()), name
+    moved = [n for n in start if not torch.equal(fused.get_parameter(n).detach(), start[n])]
+    assert len(moved) > len(start) // 3  # three blocks of four over six steps (and the head) really trained
+
+
+def test_badam_in_backward_holds_no_gradient_when_the_step_is_over(tmp_path):
+    seen = []
+
+    class Look(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            strategy = trainer.strategy
+            seen.append(
+                (
+                    sum(m.grad is not None for m in strategy.master_params.values()),
+                    sum(p.grad is not None for p in pl_module.parameters()),
+                    len(strategy.master_params),
+                )
+            )
+
+    _badam(tmp_path, True, "adamw", steps=3, callbacks=[Look()])
+    assert [s[:2] for s in seen] == [(0, 0)] * 3 and all(s[2] > 0 for s in seen)
+
+
+def test_badam_in_backward_resumes_exactly(tmp_path):
+    straight = _badam(tmp_path / "a", True, "adamw", steps=9)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    _badam(tmp_path / "b", True, "adamw", steps=6, callbacks=[every], enable_checkpointing=True)
+    resumed = _badam(tmp_path / "c", True, "adamw", steps=9, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
+    for name, param in straight.named_parameters():
+        assert torch.equal(resumed.get_parameter(name).detach(), param.detach()), name
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"accumulate_grad_batches": 2}, r"fused_update=True\) cannot accumulate"),
+        ({"gradient_clip_val": 1.0}, r"fused_update=True\) cannot clip.*UpdateClipping"),
+    ],
+)
+def test_badam_in_backward_refuses_what_it_cannot_do(tmp_path, settings, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        _badam(tmp_path, True, "adamw", steps=2, **settings)
+
+
+def test_badam_in_backward_refuses_16_true_and_fsdp(tmp_path):
+    from lightning_memopt import BAdamFSDPStrategy
+
+    with pytest.raises(MisconfigurationException, match="does not support precision='16-true'"):
+        _badam(tmp_path, True, "sgd-plain", precision="16-true", steps=1)
+    with pytest.raises(ValueError, match="BAdamFSDPStrategy does not support fused_update=True"):
+        BAdamFSDPStrategy(fused_update=True)
+
+
+@pytest.mark.xdist_group("ddp")
+def test_badam_ddp_in_backward_equals_badam_ddp_and_ranks_agree(tmp_path):
+    from test_ddp import assert_same, launch
+
+    fused = launch(tmp_path / "f", "--steps", "4", "--fused-update")
+    plain = launch(tmp_path / "p", "--steps", "4")
+    assert_same(fused[0]["weights"], fused[1]["weights"])  # the gradients were averaged before each hook's step
+    assert_same(fused[0]["weights"], plain[0]["weights"])
+    assert fused[0]["blocks"] == plain[0]["blocks"]
+    # the same FP32 bytes cross the network, one master at a time instead of in buckets
+    assert fused[0]["step_bytes"] == plain[0]["step_bytes"]
+    assert all(calls > 1 for calls in fused[0]["step_calls"])

@@ -39,6 +39,7 @@ from lightning_memopt.blocks import (
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import compiled_parts, dynamo_recompile_limit, lightning_trainer, parallel_devices
 from lightning_memopt.engine import BlockEngine, BlockEngineError
+from lightning_memopt.optimizers import steps_in_backward
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
 __all__ = ["BAdamStrategy", "BlockCoordinateMixin", "BlockOptions", "BlockStrategy", "block_strategy"]
@@ -73,6 +74,10 @@ class BlockOptions(TypedDict, total=False):
             warning; this many in a row [5] stop the run with an error. (``16-true``'s loss scaler skips such steps
             and lowers its scale instead.) Data parallel strategies decide after the all-reduce, so the same on every
             rank.
+        fused_update: step each active master during backward, as soon as its gradient is complete, and free the
+            gradient at once [``False``]: the block needs no FP32 gradient buffer (the update in backward; see
+            ``docs/update-in-backward.md``). Refuses gradient accumulation, norm clipping and ``16-true``;
+            ``badam`` and ``badam_ddp`` only.
 
     Example::
 
@@ -89,6 +94,7 @@ class BlockOptions(TypedDict, total=False):
     keep_optimizer_state: bool
     active_input_requires_grad: bool | None
     max_nonfinite_steps: int
+    fused_update: bool
 
 
 _DEFAULT_OPTIONS: dict[str, Any] = {
@@ -101,6 +107,7 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "keep_optimizer_state": False,
     "active_input_requires_grad": None,
     "max_nonfinite_steps": 5,
+    "fused_update": False,
 }
 assert set(_DEFAULT_OPTIONS) == set(BlockOptions.__annotations__)
 
@@ -157,6 +164,7 @@ class BlockStrategy(Strategy):
         self.keep_optimizer_state: bool = settings["keep_optimizer_state"]
         self.active_input_requires_grad: bool | None = settings["active_input_requires_grad"]
         self.max_nonfinite_steps: int = limit
+        self.fused_update: bool = bool(settings["fused_update"])
         self._nonfinite_in_a_row = 0
         self._blocks: list[Block] = []
         self._partitioned = False  # whether _blocks belong to the current fit
@@ -301,6 +309,8 @@ class BlockStrategy(Strategy):
                 "BAdam cannot drive LBFGS: it re-evaluates the loss inside step() while the active block changes "
                 "between steps. Use a first-order optimizer such as torch.optim.AdamW or SGD."
             )
+        if self.fused_update:
+            self._check_fused_update(trainer)
         blocks = self._partition(module)
         input_grad = self._wants_input_grad(module)
         with _misconfiguration():
@@ -310,6 +320,7 @@ class BlockStrategy(Strategy):
                 optimizer,
                 keep_optimizer_state=self.keep_optimizer_state,
                 input_requires_grad=input_grad,
+                fused_update=self.fused_update,
             )
         engine.on_activate = self._run_activation_hooks
         self._engine = engine
@@ -329,6 +340,27 @@ class BlockStrategy(Strategy):
                 "train them, or set requires_grad=False on them to say that they are frozen on purpose."
             )
         _warn_if_compiled(module, len(blocks))
+
+    def _check_fused_update(self, trainer: Trainer) -> None:
+        name = type(self).__name__
+        if trainer.accumulate_grad_batches > 1:
+            raise MisconfigurationException(
+                f"{name}(fused_update=True) cannot accumulate gradients (accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}): each master is stepped during the backward of every batch. Use "
+                "fused_update=False, which accumulates the active block's gradients in FP32, or a larger batch."
+            )
+        if trainer.gradient_clip_val:
+            raise MisconfigurationException(
+                f"{name}(fused_update=True) cannot clip by the global gradient norm (gradient_clip_val="
+                f"{trainer.gradient_clip_val}): a master is stepped before the block's other gradients exist. Remove "
+                "gradient_clip_val and clip each tensor's update with lightning_memopt.UpdateClipping(), or use "
+                "fused_update=False."
+            )
+        if isinstance(self.precision_plugin, MasterGradScalerPrecision):
+            raise MisconfigurationException(
+                f"{name}(fused_update=True) does not support precision='16-true': the loss scaler decides whether to "
+                "skip a step only after the whole backward. Use precision='bf16-true', or fused_update=False."
+            )
 
     def _wants_input_grad(self, module: nn.Module) -> bool:
         if self.active_input_requires_grad is not None:
@@ -407,6 +439,9 @@ class BlockStrategy(Strategy):
         model: LightningModule | nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
+        if self.fused_update:
+            return self._fused_optimizer_step(optimizer, closure, model, **kwargs)
+
         def closure_then_hook() -> Any:
             self._step_skipped = False
             result = closure()
@@ -419,6 +454,27 @@ class BlockStrategy(Strategy):
         output = super().optimizer_step(optimizer, closure_then_hook, model, **kwargs)
         self.engine.masters_to_weights()
         return output
+
+    def _fused_optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: LightningModule | nn.Module | None, **kwargs: Any
+    ) -> Any:
+        # the masters are stepped, and copied back, inside the closure's backward (BlockEngine._step_in_backward)
+        engine = self.engine
+        engine.skipped = []
+        self._step_skipped = False
+        try:
+            with steps_in_backward(optimizer) as step:
+                engine.step_in_backward = step
+                return super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            engine.step_in_backward = None
+            if engine.skipped:
+                trainer = lightning_trainer(self.lightning_module)
+                rank_zero_warn(
+                    f"BAdam: inf/NaN gradients of {_first_names(engine.skipped)} at step "
+                    f"{trainer.global_step if trainer is not None else '?'}; their update was skipped (the other "
+                    "masters of the block were stepped)."
+                )
 
     def _badam_skip_nonfinite(self) -> None:
         engine = self.engine

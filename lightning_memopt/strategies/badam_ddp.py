@@ -144,6 +144,14 @@ class BAdamDDPStrategy(DistributedBlockStrategy):
                 dist.broadcast(tensor.data, src=0)
 
     @override
+    def _badam_setup(self, trainer: Any) -> None:
+        super()._badam_setup(trainer)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if self.fused_update and world > 1:
+            # every rank steps the same master in the same hook: average its gradient there, before the step
+            self.engine.reduce_grad = lambda grad: all_reduce_mean([grad], world, int(self.bucket_cap_mb * 2**20))
+
+    @override
     def _badam_after_closure(self) -> None:
         world = dist.get_world_size()
         if world == 1:

@@ -62,6 +62,11 @@ class BAdamFSDPStrategy(DistributedBlockStrategy):
     engine_class = ShardedBlockEngine
 
     def __init__(self, reshard_after_forward: bool = True, **options: Unpack[DistributedOptions]) -> None:
+        if options.get("fused_update"):
+            raise ValueError(
+                "BAdamFSDPStrategy does not support fused_update=True: FSDP2 reduce-scatters a layer's gradients "
+                "together after its backward. Use badam or badam_ddp for the update in backward."
+            )
         super().__init__(**options)
         self.reshard_after_forward = reshard_after_forward
         self._mesh: DeviceMesh | None = None

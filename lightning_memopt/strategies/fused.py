@@ -53,7 +53,7 @@ from typing_extensions import override
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import lightning_trainer
-from lightning_memopt.optimizers import optimizer_name, steps_each_tensor_alone
+from lightning_memopt.optimizers import optimizer_name, step_one_tensor, steps_each_tensor_alone, steps_in_backward
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.rounding import stochastic_round
 from lightning_memopt.strategies.badam import _device_from_trainer
@@ -225,17 +225,12 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
     ) -> Any:
         # the parameters are stepped inside the closure's backward; the optimizer's step() must not run again after
         # it, but everything around it does (the precision plugin's closure, on_before_optimizer_step)
-        own = optimizer.__dict__.get("step")  # an LR scheduler's counting wrapper, if one is set
-        self._step = optimizer.step
         self._skipped_params = []
-        optimizer.step = _run_closure  # type: ignore[method-assign]
         try:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
+            with steps_in_backward(optimizer) as step:
+                self._step = step
+                return super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
-            if own is None:
-                del optimizer.step
-            else:
-                optimizer.step = own  # type: ignore[method-assign]
             self._step = None
             if self._skipped_params:
                 names = ", ".join(repr(n) for n in self._skipped_params[:3])
@@ -261,16 +256,9 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
             param.grad = None
             if param in optimizer.state:
                 optimizer.state[target] = optimizer.state.pop(param)
-        groups = optimizer.param_groups
-        saved = [group["params"] for group in groups]
-        for group in groups:
-            group["params"] = []
-        groups[self._group_of[id(param)]]["params"] = [target]
         try:
-            self._step()  # type: ignore[misc]
+            step_one_tensor(self._step, optimizer, target, self._group_of[id(param)])
         finally:
-            for group, params in zip(groups, saved, strict=True):
-                group["params"] = params
             if target is not param:
                 if target in optimizer.state:
                     optimizer.state[param] = optimizer.state.pop(target)
@@ -314,8 +302,3 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
     def teardown(self) -> None:
         self._remove_hooks()
         super().teardown()
-
-
-def _run_closure(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-    # stands in for optimizer.step() around Lightning's closure: the update happened during its backward
-    return closure() if closure is not None else None
