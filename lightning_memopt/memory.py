@@ -307,6 +307,7 @@ def predict_memory(
     precision: str | None = None,
     blocks: int | None = None,
     accounted: MemoryBreakdown | None = None,
+    update_in_backward: bool = False,
 ) -> MemoryPrediction:
     """The analytic memory model for the setup in use (see the module docstring for the formulas).
 
@@ -321,6 +322,9 @@ def predict_memory(
         precision: Lightning's precision string, for the method's description.
         blocks: BAdam's number of blocks ``D`` (``None`` for a plain optimizer); it enters the closed form.
         accounted: used for optimizer state the model does not know (noted), instead of predicting nothing.
+        update_in_backward: each tensor is stepped during backward and its gradient freed at once
+            (``fused_update``): no gradient outlives its step, so none is predicted; during backward at most about
+            the largest trained tensor's gradient exists (noted).
 
     Example::
 
@@ -358,6 +362,13 @@ def predict_memory(
             seen.add(id(p))
             trained.append(p)
     grads = sum(local_tensor(p).numel() * p.element_size() for p in trained)
+    if update_in_backward:
+        largest = max((local_tensor(p).numel() * p.element_size() for p in trained), default=0)
+        notes.append(
+            "Update in backward: every gradient is freed as soon as its tensor is stepped, so none is held after the "
+            f"step; during backward about one tensor's gradient exists at a time (the largest: {largest:,} bytes)."
+        )
+        grads = 0
 
     state = 0
     for optimizer in optimizers:
@@ -376,7 +387,7 @@ def predict_memory(
     is_badam = blocks is not None
     trained_size = trained[0].element_size() if trained else (4 if own_masters else round(weight_size))
     s, optimizer_name = state_bytes_per_param(optimizers[0] if optimizers else None, trained_size)
-    per_trained = (4.0 if own_masters else 0.0) + trained_size + s
+    per_trained = (4.0 if own_masters else 0.0) + (0 if update_in_backward else trained_size) + s
     if is_badam:
         d = max(int(blocks or 1), 1)
         formula = f"{_coefficient(weight_size)}M + {_coefficient(per_trained)}M/D"
@@ -549,6 +560,7 @@ class MemoryReport(Callback):
             precision=str(trainer.precision),
             blocks=len(badam.blocks) if badam is not None else None,
             accounted=breakdown,
+            update_in_backward=bool(getattr(trainer.strategy, "updates_in_backward", False)),
         )
         context = {"active_block": badam.active_block if badam is not None else None}
         self._measurements += 1

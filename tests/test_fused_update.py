@@ -399,3 +399,47 @@ def test_badam_ddp_in_backward_equals_badam_ddp_and_ranks_agree(tmp_path):
     # the same FP32 bytes cross the network, one master at a time instead of in buckets
     assert fused[0]["step_bytes"] == plain[0]["step_bytes"]
     assert all(calls > 1 for calls in fused[0]["step_calls"])
+
+
+@pytest.mark.parametrize("callback", ["EightBitState", "UpdateClipping", "Beta2Schedule", "RelativeStepSize"])
+def test_the_packs_callbacks_work_with_the_update_in_backward(tmp_path, callback):
+    from lightning_memopt import callbacks
+
+    def run(strategy, where):
+        model = Module(optimizer="adamw", lr=1e-2)
+        settings = trainer_kwargs(where, strategy=strategy, precision="bf16-true", max_steps=4)
+        Trainer(**settings, callbacks=[getattr(callbacks, callback)()]).fit(model)
+        return model
+
+    fused = run("fused_update", tmp_path / "f")
+    plain = run("auto", tmp_path / "p")
+    start = weights(Module(optimizer="adamw").to(torch.bfloat16))
+    for name, param in plain.named_parameters():
+        assert torch.equal(fused.get_parameter(name).detach(), param.detach()), name
+    assert not torch.equal(fused.model.lm_head.weight.detach(), start["model.lm_head.weight"])
+
+
+@pytest.mark.parametrize("badam", [False, True])
+def test_memory_report_accounts_and_predicts_no_gradients(tmp_path, badam):
+    from lightning_memopt import BAdamStrategy, MemoryReport
+
+    model = Module(optimizer="adamw", lr=1e-2)
+    report = MemoryReport(every_n_steps=1, filename=None)
+    strategy = BAdamStrategy(fused_update=True) if badam else "fused_update"
+    settings = trainer_kwargs(tmp_path, strategy=strategy, precision="bf16-true", max_steps=2, callbacks=[report])
+    trainer = Trainer(**settings)
+    trainer.fit(model)
+    result = report.report
+    assert result is not None
+    masters = trainer.strategy.master_params if badam else {}  # type: ignore[attr-defined]
+    trained = [model.get_parameter(n) for n in masters] if badam else list(model.parameters())
+    assert trained
+    numel = sum(p.numel() for p in model.parameters())
+    # independent of the ledger: bf16 weights; AdamW's two moments (bf16 plain, FP32 for BAdam's masters) + step
+    state_size = 4 if badam else 2
+    assert result["weights"] == 2 * numel
+    assert result["grads"] == 0
+    assert result["masters"] == (4 * sum(p.numel() for p in trained) if badam else 0)
+    assert result["optimizer_state"] == sum(2 * state_size * p.numel() + 4 for p in trained)
+    assert result["predicted"] == result["total"]
+    assert any("Update in backward" in note for note in result["details"]["notes"])

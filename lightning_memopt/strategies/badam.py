@@ -185,6 +185,11 @@ class BlockStrategy(Strategy):
         cls.shards_parameters = cls.engine_class.sharded
 
     @property
+    def updates_in_backward(self) -> bool:
+        """Whether each master is stepped during backward (``fused_update=True``), so no gradient outlives its step."""
+        return self.fused_update
+
+    @property
     def engine(self) -> BlockEngine:
         """The block engine of this fit (see :mod:`lightning_memopt.engine`); set up by ``trainer.fit``."""
         if self._engine is None:

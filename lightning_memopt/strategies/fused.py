@@ -113,6 +113,9 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
         self._names: dict[int, str] = {}  # id(param) -> its name
         self._pending_generator: Any = None
 
+    updates_in_backward = True
+    """Every parameter is stepped during backward: no gradient outlives its step (``MemoryReport`` predicts none)."""
+
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
