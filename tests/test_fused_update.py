@@ -316,7 +316,7 @@ def test_the_strategy_is_registered():
 def _badam(tmp_path, fused: bool, optimizer: str, precision: str = "bf16-true", steps: int = 6, **kw) -> Module:
     from lightning_memopt import BAdamStrategy, BlockSwitch
 
-    model = Module(optimizer=optimizer, lr=LRS[optimizer], num_layers=3)
+    model = Module(optimizer=optimizer, lr=LRS[optimizer], num_layers=3, scheduled=kw.pop("scheduled", False))
     callbacks = [BlockSwitch(every=2, order="random", seed=5), *kw.pop("callbacks", [])]
     ckpt_path = kw.pop("ckpt_path", None)
     strategy = BAdamStrategy(fused_update=fused, include_lm_head=True)
@@ -443,3 +443,25 @@ def test_memory_report_accounts_and_predicts_no_gradients(tmp_path, badam):
     assert result["optimizer_state"] == sum(2 * state_size * p.numel() + 4 for p in trained)
     assert result["predicted"] == result["total"]
     assert any("Update in backward" in note for note in result["details"]["notes"])
+
+
+def test_badam_in_backward_with_a_schedule_eight_bit_state_and_update_clipping_equals_badam(tmp_path):
+    from lightning_memopt import EightBitState, UpdateClipping
+
+    def run(fused, where):
+        callbacks = [EightBitState(), UpdateClipping()]
+        return _badam(where, fused, "adamw", scheduled=True, callbacks=callbacks, logger=CSVLogger(where),
+                      log_every_n_steps=1)  # fmt: skip
+
+    fused = run(True, tmp_path / "f")
+    plain = run(False, tmp_path / "p")
+    for name, param in plain.named_parameters():
+        assert torch.equal(fused.get_parameter(name).detach(), param.detach()), name
+
+
+def test_fused_update_under_bf16_mixed_equals_lightnings_step(tmp_path):
+    fused = _fit(tmp_path / "f", "fused_update", precision="bf16-mixed", optimizer="adamw")
+    plain = _fit(tmp_path / "p", "auto", precision="bf16-mixed", optimizer="adamw")
+    for name, param in plain.named_parameters():
+        assert param.dtype == torch.float32
+        assert torch.equal(fused.get_parameter(name).detach(), param.detach()), name

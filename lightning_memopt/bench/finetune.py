@@ -58,6 +58,10 @@ FT_METHODS: dict[str, Method] = {
         Method("badam", "BAdam + AdamW (bf16-true)", "bf16-true", kind="badam", lr=6.66e-4),
         Method("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "bf16-true", "adamw8bit", kind="badam", lr=6.66e-4),
         Method("block-sgd", "Block SGD (bf16-true)", "bf16-true", "sgd", kind="badam", lr=0.15),
+        # the update in backward (docs/update-in-backward.md); the lrs are not swept yet
+        Method("lomo", "LOMO (SGD in backward, bf16-true)", "bf16-true", "sgd-plain", lr=0.15, fused=True),
+        Method("adalomo", "AdaLomo (in backward, bf16-true)", "bf16-true", "adalomo", lr=1e-2, fused=True),
+        Method("badam-fused", "BAdam, update in backward", "bf16-true", kind="badam", lr=6.66e-4, fused=True),
         Method(
             "badam-importance", "BAdam, importance order", "bf16-true", kind="badam", lr=6.66e-4, order="importance"
         ),

@@ -30,7 +30,7 @@ __all__ = [
     "select",
 ]
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd", "sgd-plain", "adalomo")
 
 
 Kind = Literal["full", "badam", "lora"]
@@ -59,6 +59,8 @@ class Method:
         order: ``BlockSwitch(order=...)``.
         rank: LoRA rank (alpha = 2 x rank).
         layers_per_block: BAdam blocks of this many consecutive decoder layers (1: the paper's one layer).
+        fused: the update in backward: ``"full"`` rows train with ``strategy="fused_update"``, BAdam rows with
+            ``fused_update=True`` (each tensor stepped as its gradient completes; no gradient buffer).
         strategy: further block options of the BAdam strategy (:class:`~lightning_memopt.strategies.BlockOptions`).
         callbacks: the package's callbacks the row adds (see :data:`CallbackSpec`).
 
@@ -78,6 +80,7 @@ class Method:
     order: str = "random"
     rank: int = 0
     layers_per_block: int = 1
+    fused: bool = False
     strategy: Mapping[str, Any] = field(default_factory=dict)
     callbacks: tuple[CallbackSpec, ...] = ()
 
@@ -86,6 +89,8 @@ class Method:
             raise ValueError(f"Method {self.name!r}: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}.")
         if self.kind not in KINDS:
             raise ValueError(f"Method {self.name!r}: kind {self.kind!r} is not one of {KINDS}.")
+        if self.fused and self.kind == "lora":
+            raise ValueError(f"Method {self.name!r}: the update in backward is for full and BAdam rows.")
 
     @property
     def badam(self) -> bool:
@@ -110,6 +115,8 @@ class Method:
         options = dict(self.strategy)
         if self.layers_per_block > 1:
             options["layers_per_block"] = self.layers_per_block
+        if self.fused:
+            options["fused_update"] = True
         return options
 
     def build_strategy(self, devices: int = 1) -> Any:
@@ -117,8 +124,12 @@ class Method:
         from lightning_memopt import BAdamDDPStrategy, BAdamStrategy
 
         if devices > 1:
+            if self.fused and not self.badam:
+                raise ValueError(f"Method {self.name!r}: fused_update runs on one device.")
             return BAdamDDPStrategy(process_group_backend="gloo", **self.block_options()) if self.badam else "ddp"
-        return BAdamStrategy(**self.block_options()) if self.badam else "auto"
+        if self.badam:
+            return BAdamStrategy(**self.block_options())
+        return "fused_update" if self.fused else "auto"
 
 
 def build_trainer(
@@ -171,6 +182,17 @@ METHODS: dict[str, Method] = {
         Method("badam-8bit", "BAdam + AdamW8bit (bf16-true)", "bf16-true", "adamw8bit", kind="badam"),
         Method("badam-adafactor", "BAdam + Adafactor (bf16-true)", "bf16-true", "adafactor", kind="badam"),
         Method("block-sgd", "Block SGD (BAdam + SGD, bf16-true)", "bf16-true", "sgd", kind="badam"),
+        Method("lomo", "LOMO (SGD in backward, bf16-true)", "bf16-true", "sgd-plain", fused=True),
+        Method("adalomo", "AdaLomo (in backward, bf16-true)", "bf16-true", "adalomo", fused=True),
+        Method("badam-fused", "BAdam + AdamW, update in backward (bf16-true)", "bf16-true", kind="badam", fused=True),
+        Method(
+            "badam-8bit-fused",
+            "BAdam + AdamW8bit, update in backward (bf16-true)",
+            "bf16-true",
+            "adamw8bit",
+            kind="badam",
+            fused=True,
+        ),
         Method(
             "badam-eightbitstate",
             "BAdam + EightBitState (bf16-true)",
@@ -244,4 +266,11 @@ def build_optimizer(
         return torch.optim.Adafactor(params, lr=config.adafactor_lr if lr is None else lr, weight_decay=0.0)
     if name == "sgd":
         return torch.optim.SGD(params, lr=config.sgd_lr if lr is None else lr, momentum=0.9)
+    if name == "sgd-plain":  # LOMO's rule: SGD without momentum, no state at all
+        return torch.optim.SGD(params, lr=config.sgd_lr if lr is None else lr)
+    if name == "adalomo":
+        from lightning_memopt.optim import AdaLomo
+
+        # a relative step like Adafactor's: the same lr setting
+        return AdaLomo(params, lr=config.adafactor_lr if lr is None else lr)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")

@@ -183,15 +183,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"Command: `{results['command']}`")
     lines += [
         "",
-        "| method | D | accounted MiB | predicted MiB | peak MiB (process) | peak - start MiB | step s | "
+        "| method | D | accounted MiB | grads MiB | predicted MiB | peak MiB (process) | peak - start MiB | step s | "
         "strategy overhead | final loss | vs AdamW |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         overhead = r.get("strategy_overhead_fraction")
         delta = "-" if reference is None else f"{r['final_loss'] / reference['final_loss'] - 1:+.1%}"
         lines.append(
-            f"| {r['label']} | {r['blocks'] or '-'} | {_mib(r['accounted_bytes'])} | {_mib(r['predicted_bytes'])} | "
+            f"| {r['label']} | {r['blocks'] or '-'} | {_mib(r['accounted_bytes'])} | "
+            f"{_mib((r.get('memory') or {}).get('grads'))} | {_mib(r['predicted_bytes'])} | "
             f"{_mib(r['peak_bytes'])} | {_mib(r['peak_above_start_bytes'])} | {r['step_time_s']:.3f} | "
             f"{'-' if overhead is None else f'{overhead:.1%}'} | {r['final_loss']:.4f} | {delta} |"
         )
