@@ -465,3 +465,29 @@ def test_fused_update_under_bf16_mixed_equals_lightnings_step(tmp_path):
     for name, param in plain.named_parameters():
         assert param.dtype == torch.float32
         assert torch.equal(fused.get_parameter(name).detach(), param.detach()), name
+
+
+@pytest.mark.xdist_group("ddp")
+def test_badam_ddp_in_backward_resumes_exactly_on_every_rank_and_accounts_no_gradients(tmp_path):
+    from test_ddp import assert_same, launch
+
+    common = ["--order", "random", "--every", "3", "--n", "16", "--layers", "3", "--fused-update"]
+    full = launch(tmp_path / "full", *common, "--steps", "8")
+    ckpt = tmp_path / "half.ckpt"
+    launch(tmp_path / "first", *common, "--steps", "4", "--ckpt-out", str(ckpt))
+    resumed = launch(tmp_path / "resumed", *common, "--steps", "8", "--ckpt-in", str(ckpt))
+    for a, b in zip(full, resumed, strict=True):
+        assert a["blocks"][4:] == b["blocks"]
+        assert_same(a["weights"], b["weights"])
+        assert_same(a["masters"], b["masters"])
+        assert a["state"].keys() == b["state"].keys() and a["state"]
+        for i in a["state"]:
+            assert_same(a["state"][i], b["state"][i])
+        # MemoryReport on every rank: no gradient after the step, and the prediction knows it
+        assert b["memory"]["grads"] == 0 and b["memory"]["masters"] > 0
+        assert b["memory"]["predicted"] == b["memory"]["total"]
+
+
+def test_fused_update_on_several_devices_points_to_badam_ddp(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"FusedUpdateStrategy trains on one device.*BAdamDDPStrategy"):
+        Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", devices=2, max_steps=1)).fit(Module())

@@ -650,15 +650,15 @@ def _trainer_of(strategy: Any) -> Trainer:
     return trainer
 
 
-def _device_from_trainer(strategy: Any) -> torch.device:
+def _device_from_trainer(strategy: Any, several: str = "strategy='badam_ddp'") -> torch.device:
     # Lightning #18902: a SingleDeviceStrategy built without `device` would stay on CPU even when the accelerator is a
     # GPU, so take the device the accelerator connector resolved from `devices=`.
     trainer = _trainer_of(strategy)
     devices = parallel_devices(trainer)
     if len(devices) > 1:
         raise MisconfigurationException(
-            f"BAdamStrategy trains on one device but the Trainer was given {len(devices)} devices. "
-            "Use strategy='badam_ddp' for several devices, or devices=1."
+            f"{type(strategy).__name__} trains on one device but the Trainer was given {len(devices)} devices. "
+            f"Use {several} for several devices, or devices=1."
         )
     if devices:
         device = devices[0]

@@ -126,7 +126,7 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
     @override
     def setup_environment(self) -> None:
         if not self._device_given:
-            self._root_device = _device_from_trainer(self)
+            self._root_device = _device_from_trainer(self, "BAdamDDPStrategy(fused_update=True)")
         super().setup_environment()
 
     @override
