@@ -184,3 +184,21 @@ def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(f"lightning_memopt.bench.{name}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_update_in_backward_rows_pick_their_strategy():
+    from lightning_memopt import BAdamDDPStrategy, BAdamStrategy
+    from lightning_memopt.bench.finetune import FT_METHODS
+
+    assert METHODS["lomo"].build_strategy() == "fused_update"
+    assert METHODS["adamw-bf16"].build_strategy() == "auto"
+    fused = METHODS["badam-fused"].build_strategy()
+    assert isinstance(fused, BAdamStrategy) and fused.fused_update
+    assert not METHODS["badam"].build_strategy().fused_update
+    ddp = METHODS["badam-fused"].build_strategy(devices=2)
+    assert isinstance(ddp, BAdamDDPStrategy) and ddp.fused_update
+    with pytest.raises(ValueError, match="fused_update runs on one device"):
+        METHODS["lomo"].build_strategy(devices=2)
+    assert FT_METHODS["badam-fused"].build_strategy().fused_update
+    with pytest.raises(ValueError, match="full and BAdam rows"):
+        Method("x", "x", "bf16-true", kind="lora", fused=True)
