@@ -38,7 +38,17 @@ class StateDtypes(Callback):
 
 
 class InOrder(LlamaModule):
-    """Shards the data in order, so 2 ranks x batch b see what 1 device x batch 2b sees."""
+    """Shards the data in order, so 2 ranks x batch b see what 1 device x batch 2b sees; ``scheduled``: an lr of
+    lr / (1 + step) (a per-step LambdaLR), so that a step run at another step's lr shows."""
+
+    scheduled = False
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        if not self.scheduled:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def train_dataloader(self):
         loader = token_loader(n=self.n, batch_size=self.batch_size)
@@ -57,6 +67,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)  # 1: the same strategy's single-device form
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--precision", default=None, help="default: bf16-true for badam_ddp, 32-true for ddp")
+    parser.add_argument("--fused-update", action="store_true", help="badam_ddp: BlockOptions.fused_update=True")
+    parser.add_argument("--scheduled", action="store_true", help="a per-step LR schedule")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -64,12 +76,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     # hidden=64: the attention and MLP matrices have >= 4096 values, so their state is 8-bit
     module = InOrder(num_layers=2, hidden=64, lr=3e-3, weight_decay=0.01, n=32, batch_size=args.batch_size)
+    module.scheduled = args.scheduled
     eight_bit = EightBitState(keep_32bit=["lm_head"])
     dtypes = StateDtypes()
     callbacks: list[Callback] = [eight_bit, dtypes]
     if args.strategy == "badam_ddp":
         strategy: str | BAdamStrategy = (
-            BAdamDDPStrategy(include_lm_head=True) if args.devices > 1 else BAdamStrategy(include_lm_head=True)
+            BAdamDDPStrategy(include_lm_head=True, fused_update=args.fused_update)
+            if args.devices > 1
+            else BAdamStrategy(include_lm_head=True, fused_update=args.fused_update)
         )
         precision = args.precision or "bf16-true"
         callbacks.append(BlockSwitch(every=2, order="random", seed=3))

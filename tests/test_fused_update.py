@@ -491,3 +491,17 @@ def test_badam_ddp_in_backward_resumes_exactly_on_every_rank_and_accounts_no_gra
 def test_fused_update_on_several_devices_points_to_badam_ddp(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"FusedUpdateStrategy trains on one device.*BAdamDDPStrategy"):
         Trainer(**trainer_kwargs(tmp_path, strategy="fused_update", devices=2, max_steps=1)).fit(Module())
+
+
+@pytest.mark.xdist_group("ddp")
+def test_badam_ddp_in_backward_with_eight_bit_state_and_a_schedule_equals_badam_ddp(tmp_path):
+    from test_eight_bit import _launch_eight_bit
+
+    common = ["--strategy", "badam_ddp", "--scheduled"]
+    fused = _launch_eight_bit(tmp_path / "f", *common, "--fused-update")
+    plain = _launch_eight_bit(tmp_path / "p", *common)
+    assert fused[0]["optimizer"] == plain[0]["optimizer"] == "AdamW8bit"
+    assert fused[0]["dtypes"] == plain[0]["dtypes"]  # the same tensors with 8-bit state at every step
+    for name, w in plain[0]["weights"].items():
+        assert torch.equal(fused[0]["weights"][name], w), name
+        assert torch.equal(fused[1]["weights"][name], w), name
