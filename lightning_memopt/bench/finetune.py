@@ -63,6 +63,15 @@ FT_METHODS: dict[str, Method] = {
         Method("adalomo", "AdaLomo (in backward, bf16-true)", "bf16-true", "adalomo", lr=1e-2, fused=True),
         Method("badam-fused", "BAdam, update in backward", "bf16-true", kind="badam", lr=6.66e-4, fused=True),
         Method(
+            "badam-8bit-fused",
+            "BAdam + AdamW8bit, update in backward",
+            "bf16-true",
+            "adamw8bit",
+            kind="badam",
+            lr=6.66e-4,
+            fused=True,
+        ),
+        Method(
             "badam-importance", "BAdam, importance order", "bf16-true", kind="badam", lr=6.66e-4, order="importance"
         ),
         Method(

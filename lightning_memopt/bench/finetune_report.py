@@ -332,15 +332,16 @@ def render_finetune(results: Mapping[str, Any]) -> str:
         f"{results['config']['steps']} steps of {results['config']['batch_size']}, seeds {seeds}.",
         "",
         "| method | lr | K | held-out loss | gain over base | loss at AdamW's time | peak above start | "
-        "accounted | step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "accounted | grads | step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         equal = "-" if r["final_loss_equal_time"] is None else f"{r['final_loss_equal_time']:.3f}"
+        grads = ((r.get("memory") or {}).get("grads") or 0) / 2**20
         lines.append(
             f"| {r['label']} | {r['lr']:g} | {r['every'] or '-'} | {r['final_loss']:.3f} ± {r['final_loss_spread']:.3f}"
             f" | {r['gain']['mean']:.3f} | {equal} | {r['peak_bytes'] / 2**20:.0f} MiB | "
-            f"{(r['accounted_bytes'] or 0) / 2**20:.1f} MiB | {r['step_time_s']:.2f} s |"
+            f"{(r['accounted_bytes'] or 0) / 2**20:.1f} MiB | {grads:.1f} MiB | {r['step_time_s']:.2f} s |"
         )
     lines += ["", "| target | value | limit | result |", "|---|---|---|---|"]
     for t in results["targets"]:
