@@ -468,34 +468,6 @@ class ShardedBlockEngine(BlockEngine):
 
     sharded = True
 
-    @torch.no_grad()
-    def _step_in_backward(self, param: Tensor) -> None:
-        # fused_update: this half weight's gradient is complete; step its master now and free both gradients
-        if self.step_in_backward is None or param.grad is None:
-            return  # a backward outside an optimizer step: grads_to_masters takes the gradient as usual
-        name = self._name_of[id(param)]
-        master = self.masters[name]
-        grad = param.grad
-        if master is not param:
-            param.grad = None
-            master.grad = self.fp32_grad(grad, param)
-        if self.reduce_grad is not None:
-            self.reduce_grad(master.grad)  # type: ignore[arg-type]
-        if not self.all_finite([master.grad]):  # type: ignore[list-item]
-            self.skipped.append(name)
-            master.grad = None
-            return
-        step_one_tensor(self.step_in_backward, self.optimizer, master, self._group_index[name])
-        master.grad = None
-        if master is not param:
-            if not self.all_finite([master]):
-                raise RuntimeError(
-                    f"BAdam: the optimizer produced inf/NaN master weights for {name!r} from finite gradients, so "
-                    "its half-precision weight was not updated. Lower the learning rate or check the optimizer's "
-                    "settings (eps, weight decay), then resume from the last checkpoint."
-                )
-            param.copy_(master)
-
     def fp32_grad(self, grad: Tensor, param: Tensor) -> Tensor:
         from torch.distributed.tensor import DTensor
 
