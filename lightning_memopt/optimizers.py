@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_memopt.optim import AdaLomo
+
 __all__ = [
     "BNB_INSTALL",
     "SUPPORTED_OPTIMIZERS",
@@ -202,7 +204,7 @@ def steps_each_tensor_alone(optimizer: Optimizer) -> bool:
         return True
     if bitsandbytes_kernel(optimizer) is not None:
         return True
-    return f"{cls.__module__}.{cls.__qualname__}" == "lightning_memopt.optim.AdaLomo"
+    return cls is AdaLomo
 
 
 def step_one_tensor(step: Callable[[], Any], optimizer: Optimizer, tensor: Tensor, group_index: int) -> None:

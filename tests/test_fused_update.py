@@ -3,7 +3,6 @@ against the same steps taken after backward (a plain PyTorch loop, and Lightning
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -309,7 +308,7 @@ def test_the_strategy_is_registered():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert "fused_update" in StrategyRegistry
-    assert math.isclose(FusedUpdateStrategy(stochastic_rounding=True).seed, 0)
+    assert StrategyRegistry.get("fused_update").__class__ is FusedUpdateStrategy
 
 
 # ------------------------------------------------------------------------------------- BAdam, update in backward

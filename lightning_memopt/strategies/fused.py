@@ -41,7 +41,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -54,7 +54,6 @@ from typing_extensions import override
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import lightning_trainer
 from lightning_memopt.optimizers import optimizer_name, step_one_tensor, steps_each_tensor_alone, steps_in_backward
-from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.rounding import stochastic_round
 from lightning_memopt.strategies.badam import _device_from_trainer
 
@@ -111,7 +110,6 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
         self._step: Callable[..., Any] | None = None  # the optimizer's own step while optimizer.step is a stand-in
         self._skipped_params: list[str] = []
         self._names: dict[int, str] = {}  # id(param) -> its name
-        self._pending_generator: Any = None
 
     updates_in_backward = True
     """Every parameter is stepped during backward: no gradient outlives its step (``MemoryReport`` predicts none)."""
@@ -172,11 +170,8 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
                 "AdaLomo's own clip_threshold."
             )
         plugin = self.precision_plugin
-        if (
-            plugin.precision in ("16-true", "16-mixed")
-            or isinstance(plugin, MasterGradScalerPrecision)
-            or (isinstance(plugin, MixedPrecision) and plugin.scaler is not None)
-        ):
+        # the only precisions with FP16 gradients, and the only ones Lightning (or MasterGradScalerPrecision) scales
+        if plugin.precision in ("16-true", "16-mixed"):
             raise MisconfigurationException(
                 f"The update in backward does not support precision={plugin.precision!r} yet: FP16 gradients need "
                 "loss scaling, and a scaler decides whether to skip a step only after the whole backward, when every "
@@ -202,9 +197,6 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._step_parameter))
         if self.stochastic_rounding and self._generator is None:
             self._generator = torch.Generator(device=self.root_device).manual_seed(self.seed)
-        if self._pending_generator is not None and self._generator is not None:
-            self._generator.set_state(self._pending_generator)
-            self._pending_generator = None
 
     # ------------------------------------------------------------------------------------------- one step
     @override
@@ -281,10 +273,10 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
         states = [dict(s) for s in checkpoint["optimizer_states"]]
         if states and _CKPT_KEY in states[0]:
             saved = states[0].pop(_CKPT_KEY)["generator"]
+            # Lightning restores optimizer states after setup, where the generator was made (stochastic rounding);
+            # a run resumed without stochastic rounding has no use for the saved one
             if self._generator is not None:
                 self._generator.set_state(saved)
-            else:
-                self._pending_generator = saved
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
         if self.stochastic_rounding and states:
             # torch casts loaded state to each parameter's dtype; stepped through FP32 copies, it was saved in FP32
