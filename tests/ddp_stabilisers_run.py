@@ -4,7 +4,8 @@
 Every rank writes to `DIR/rank{R}.pt` what it holds at the end (weights, masters, optimizer state, the callbacks'
 state) and, per optimizer step and active-block tensor, RMS(ΔX) / (max(ε₂, RMS(Xₜ₋₁))·ρₜ): with update clipping and
 the relative step size that ratio is the RMS of the clipped update, so it must be <= 1 (and 1 at each block's first
-step, where Adam's update is g/|g|).
+step, where Adam's update is g/|g|). `--fused-update` steps each master in its gradient hook
+(`BAdamDDPStrategy(fused_update=True)`); `--no-stabilisers` is the reference run without the three callbacks.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class Record(Callback):
         self.ratios: list[list[float]] = []
         self._before: dict[str, torch.Tensor] = {}
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # before backward (and after BlockSwitch's switch): with fused_update the hooks step the masters in backward
+        self._before = {n: m.detach().clone() for n, m in trainer.strategy.master_params.items()}
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.blocks.append(trainer.strategy.active_block)
-        self._before = {n: m.detach().clone() for n, m in trainer.strategy.master_params.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         t = trainer.global_step  # this step's t (global_step already counts it)
@@ -71,6 +75,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--fused-update", action="store_true", help="BlockOptions.fused_update=True")
+    parser.add_argument("--no-stabilisers", action="store_true", help="the reference: Adam as it is")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -78,11 +84,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     module = ShardedModule(num_layers=args.layers, hidden=16, lr=1e-3, optimizer="adam", n=32, batch_size=2)
     record = Record()
-    stabilisers = [UpdateClipping(), Beta2Schedule(), RelativeStepSize()]
+    stabilisers = [] if args.no_stabilisers else [UpdateClipping(), Beta2Schedule(), RelativeStepSize()]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=BAdamDDPStrategy(),
+        strategy=BAdamDDPStrategy(fused_update=args.fused_update),
         precision="bf16-true",
         max_steps=args.steps,
         callbacks=[BlockSwitch(every=args.every, order="random", seed=7), *stabilisers, record],

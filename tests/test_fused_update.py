@@ -407,7 +407,10 @@ def test_the_packs_callbacks_work_with_the_update_in_backward(tmp_path, callback
     def run(strategy, where):
         model = Module(optimizer="adamw", lr=1e-2)
         settings = trainer_kwargs(where, strategy=strategy, precision="bf16-true", max_steps=4)
-        Trainer(**settings, callbacks=[getattr(callbacks, callback)()]).fit(model)
+        the_callback = getattr(callbacks, callback)()
+        Trainer(**settings, callbacks=[the_callback]).fit(model)
+        # Beta2Schedule's and RelativeStepSize's t: one per optimizer step, not one per tensor stepped in backward
+        assert getattr(the_callback, "steps", 4) == 4
         return model
 
     fused = run("fused_update", tmp_path / "f")
@@ -506,15 +509,57 @@ def test_badam_ddp_in_backward_with_eight_bit_state_and_a_schedule_equals_badam_
         assert torch.equal(fused[1]["weights"][name], w), name
 
 
-def test_badam_in_backward_with_the_adafactor_stabilisers_equals_badam(tmp_path):
+@pytest.mark.xdist_group("ddp")
+def test_badam_ddp_in_backward_with_the_adafactor_stabilisers_equals_badam_ddp(tmp_path):
+    from test_stabilisers import _assert_same, launch_stabilisers
+
+    fused = launch_stabilisers(tmp_path / "f", "--fused-update")
+    plain = launch_stabilisers(tmp_path / "p")
+    bare = launch_stabilisers(tmp_path / "b", "--no-stabilisers")
+    assert fused[0]["world_size"] == 2
+    assert fused[0]["blocks"] == plain[0]["blocks"] == [0, 0, 1, 1, 2, 2]
+    for rank in fused:  # every rank, bit for bit: the step in each hook equals badam_ddp's step after backward
+        for key in ("weights", "masters", "state", "callbacks", "ratios"):
+            _assert_same(rank[key], plain[0][key], key)
+    _assert_same(plain[0], plain[1], "plain ranks")
+    # one count per optimizer step (6), not one per master stepped in backward (9 per step)
+    assert fused[0]["callbacks"]["RelativeStepSize"]["optimizers"][0]["steps"] == 6
+    assert fused[0]["callbacks"]["Beta2Schedule"]["optimizers"][0]["steps"] == 6
+    # the stabilisers acted: RMS(dX) / (max(eps2, RMS(X)) rho_t) is the clipped update's RMS, <= 1 and 1 at a block's
+    # first step; Adam's own lr=1e-3 step is ~5x that for the projections (RMS 0.02, so a relative step of ~2e-4)
+    assert max(max(r) for r in fused[0]["ratios"]) <= 1 + 1e-5
+    assert all(min(fused[0]["ratios"][step]) > 0.99 for step in (0, 2, 4))
+    assert max(max(r) for r in bare[0]["ratios"]) > 3
+    start = weights(LlamaModule(num_layers=3, hidden=16).to(torch.bfloat16))
+    with_them, without = fused[0]["weights"], bare[0]["weights"]
+
+    def rms(x: torch.Tensor) -> float:
+        return float(x.double().pow(2).mean().sqrt())
+
+    trained = [n for n in start if ".layers." in n]
+    assert len(trained) == 27 and all(torch.equal(with_them[n], start[n]) for n in start if n not in trained)
+    for name in trained:
+        # each block trained two steps of at most one relative step max(eps2, RMS(X)) * 1e-2 (a full one at the first)
+        moved = rms(with_them[name] - start[name])
+        assert 1.0 < moved / (1e-2 * max(1e-3, rms(start[name]))) < 2.2, (name, moved)
+        if "layernorm" not in name:  # (Adam's 1e-3 steps on the norms' 1.0 are below half a bf16 ulp: some round away)
+            assert rms(without[name] - start[name]) > 4 * moved, name  # Adam alone: ~2 * 1e-3, ~5x as far
+
+
+# by the callbacks' own step counters: rho_t = 1e-6 t (warmup_init), beta2_t = 1 - t^-0.8 (no restart at a switch)
+@pytest.mark.parametrize("counted", [False, True], ids=["defaults", "t-from-the-callbacks-counters"])
+def test_badam_in_backward_with_the_adafactor_stabilisers_equals_badam(tmp_path, counted):
     from lightning_memopt import Beta2Schedule, RelativeStepSize, UpdateClipping
 
     def run(fused, where):
-        return _badam(where, fused, "adamw", callbacks=[UpdateClipping(), Beta2Schedule(), RelativeStepSize()])
+        stabilisers = [Beta2Schedule(restart_on_switch=not counted), RelativeStepSize(warmup_init=counted)]
+        return _badam(where, fused, "adamw", callbacks=[UpdateClipping(), *stabilisers]), stabilisers
 
-    fused = run(True, tmp_path / "f")
-    plain = run(False, tmp_path / "p")
+    fused, fused_stabilisers = run(True, tmp_path / "f")
+    plain, _ = run(False, tmp_path / "p")
     reference = _badam(tmp_path / "r", False, "adamw")
+    # one count per optimizer step, not one per tensor stepped in backward
+    assert [s.steps for s in fused_stabilisers] == [6, 6]
     for name, param in plain.named_parameters():
         assert torch.equal(fused.get_parameter(name).detach(), param.detach()), name
     # the stabilisers did act: without them the run ends elsewhere

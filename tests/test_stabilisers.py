@@ -507,14 +507,19 @@ def test_yaml_runs_adafactor_inside_badam_and_the_stabilisers(tmp_path, monkeypa
 
 
 # --------------------------------------------------------------------------------------- DDP
-@pytest.mark.xdist_group("ddp")  # one DDP launch at a time: it wants both cores
-def test_badam_ddp_ranks_stay_bit_identical_with_the_stabilisers(tmp_path):
+def launch_stabilisers(out: Path, *args: str) -> list[dict[str, Any]]:
+    """Runs `ddp_stabilisers_run.py` on two gloo processes; what each rank wrote, by rank."""
     script = Path(__file__).parent / "ddp_stabilisers_run.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), "--out", str(out), *args], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(p, weights_only=True) for p in sorted(tmp_path.glob("rank*.pt")))
+    return [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
+
+
+@pytest.mark.xdist_group("ddp")  # one DDP launch at a time: it wants both cores
+def test_badam_ddp_ranks_stay_bit_identical_with_the_stabilisers(tmp_path):
+    r0, r1 = launch_stabilisers(tmp_path)
     assert r0["world_size"] == 2
     assert r0["blocks"] == r1["blocks"] and len(set(r0["blocks"])) > 1  # the same random blocks, switches happened
     _assert_same(r0["weights"], r1["weights"], "weights")

@@ -169,6 +169,8 @@ class _Beta2Rule(UpdateTransform):
             if fix is not None:
                 step.optimizer.state[p][BETA2_PRODUCT_KEY] = fix[1]
         self._fixes = {}
+
+    def after_step(self) -> None:
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -140,7 +140,7 @@ class _RelativeStepRule(UpdateTransform):
     def scale(self, update: ParamUpdate) -> float:
         return max(self.eps2, update.param_rms)
 
-    def after_update(self, step: StepContext) -> None:
+    def after_step(self) -> None:
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,13 @@ optimizer's own ``register_step_pre_hook`` / ``register_step_post_hook``. Every 
    as the optimizer made it) and the gradient-driven part ``G``, computes the unscaled update ``U = G / lr`` and
    multiplies ``G`` by the product of the transforms' factors (``scale``), in ``order``: bias correction (0), update
    clipping (10), relative step size (20);
-6. calls ``after_update`` so transforms can count steps and keep per-tensor state.
+6. calls ``after_update`` so transforms can keep per-tensor state, then ``after_step`` so they can count steps.
+
+Under the update in backward (``FusedUpdateStrategy``, ``BAdamStrategy(fused_update=True)``, ``BAdamDDPStrategy(
+fused_update=True)``) one optimizer step arrives as one ``step()`` call per tensor, each as its gradient completes.
+With ``steps_in_pieces`` set (``TransformCallback`` sets it from the strategy's ``updates_in_backward``) 1-6 run
+for each call except ``after_step``, which runs once, at :meth:`UpdateTransforms.end_step` (after backward): the
+counters, and with them ρₜ and β̂₂ₜ, advance once per optimizer step rather than once per tensor.
 
 Memory: the snapshot is one copy of the tensors being stepped, in their own dtype, alive from the end of backward
 to the end of ``step()`` — not during forward/backward. Under BAdam that is the active block's FP32 masters (4 bytes
@@ -141,6 +147,9 @@ class UpdateTransform:
     def after_update(self, step: StepContext) -> None:
         """Runs after the update (and after the factors were applied)."""
 
+    def after_step(self) -> None:
+        """Runs once per optimizer step, after every tensor of it was updated: where a rule counts steps."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -182,6 +191,9 @@ class UpdateTransforms:
         self._undetermined_decay_warned = False
         #: bytes of the snapshot the last step took (what the transforms cost on top of the optimizer)
         self.last_snapshot_bytes = 0
+        #: each optimizer step is several ``step()`` calls (one per tensor, in backward), ended by :meth:`end_step`
+        self.steps_in_pieces = False
+        self._step_open = False  # a piece of the current optimizer step was taken, and end_step has not run yet
 
     @classmethod
     def of(cls, optimizer: Optimizer) -> UpdateTransforms | None:
@@ -286,6 +298,18 @@ class UpdateTransforms:
         del snapshots
         for transform in self._transforms:
             transform.after_update(step)
+        self._step_open = True
+        if not self.steps_in_pieces:
+            self.end_step()
+
+    def end_step(self) -> None:
+        """Ends the optimizer step whose tensors were stepped since the last call (``after_step`` of every transform);
+        nothing happens when none was. Called after each ``step()`` unless ``steps_in_pieces`` is set."""
+        if not self._step_open:
+            return
+        self._step_open = False
+        for transform in self._transforms:
+            transform.after_step()
 
     def _finish_aborted(self) -> None:
         # a step that raised between the hooks must not leave its overrides in the param groups
@@ -374,16 +398,31 @@ class TransformCallback(Callback, ABC):
                 rule.load_state_dict(states[index])
             self._rules.append(rule)
             self._detach.append(UpdateTransforms.attach(optimizer, rule))
+            transforms = UpdateTransforms.of(optimizer)
+            if transforms is not None:
+                transforms.steps_in_pieces = bool(getattr(trainer.strategy, "updates_in_backward", False))
         self._attached_to = [id(o) for o in optimizers]
         self._pending = None
 
     @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        # under the update in backward every tensor was stepped by now; otherwise the step is still to come (no-op)
+        self._end_steps(trainer)
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._end_steps(trainer)
         # the rules (and their counters) stay readable after fit; only the hooks go
         for detach in self._detach:
             detach()
         self._detach = []
         self._attached_to = []
+
+    def _end_steps(self, trainer: Trainer) -> None:
+        for optimizer in trainer.optimizers:
+            transforms = UpdateTransforms.of(optimizer)
+            if transforms is not None:
+                transforms.end_step()
 
     def _release(self) -> None:
         for detach in self._detach:
