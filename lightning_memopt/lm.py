@@ -7,13 +7,16 @@ this package must work with it unchanged.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
@@ -22,9 +25,16 @@ from lightning_memopt.compat import buffer, replace_buffer
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["IGNORE_INDEX", "TINY_LLAMA", "CausalLM", "TokenPerplexity", "next_token_loss"]
+__all__ = ["IGNORE_INDEX", "TINY_LLAMA", "CausalLM", "TokenPerplexity", "chunked_next_token_loss", "next_token_loss"]
 
 _TRANSFORMERS_DTYPE_KWARG = RequirementCache("transformers>=4.56")
+# transformers 5's `_init_weights` recomputes rotary frequencies (its `from_pretrained` builds on the meta device too);
+# 4.x leaves a non-persistent buffer materialised from the meta device as uninitialised memory.
+_TRANSFORMERS_INITS_ROPE = RequirementCache("transformers>=5")
+
+# config entries with which a model's forward changes the logits after its output head (Gemma 2/3's tanh soft-cap,
+# Cohere's scale, Granite's divisor, ...): the chunked loss, which applies the head alone, would compute another loss
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 IGNORE_INDEX = -100
 """Target value that is left out of the loss (Hugging Face's convention for padding and prompt tokens)."""
@@ -43,6 +53,26 @@ TINY_LLAMA: dict[str, Any] = {
 attention), so changing the number of heads alone gives a valid model."""
 
 
+def _next_token_targets(batch: dict[str, Tensor]) -> Tensor:
+    # the target of every position: `targets` as given; `labels` shifted left, the last position without one (padding
+    # the targets instead of slicing the logits keeps the hidden states / logits contiguous: no copy of either)
+    if "targets" in batch:
+        return batch["targets"]
+    if "labels" in batch:
+        labels = batch["labels"]
+        return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+    raise KeyError(f"The batch needs `targets` or `labels` next to `input_ids`, but has keys {sorted(batch)}.")
+
+
+def _check_positions(outputs: Tensor, targets: Tensor, what: str) -> None:
+    if outputs.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"The {what} of shape {tuple(outputs.shape)} do not fit the batch's targets of shape"
+            f" {tuple(targets.shape)}: pass one position per input token, `(batch, seq_len, ...)`, as the model"
+            " returns them."
+        )
+
+
 def next_token_loss(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy per predicted token and the number of tokens it averages over.
 
@@ -57,17 +87,73 @@ def next_token_loss(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, T
         >>> round(loss.item(), 4), tokens.item()
         (5.5452, 2)
     """
-    if "targets" in batch:
-        targets = batch["targets"]
-    elif "labels" in batch:
-        logits, targets = logits[:, :-1], batch["labels"][:, 1:]
-    else:
-        raise KeyError(f"The batch needs `targets` or `labels` next to `input_ids`, but has keys {sorted(batch)}.")
-    # Half-precision logits lose the small probabilities that dominate the loss of a good model.
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    targets = _next_token_targets(batch)
+    _check_positions(logits, targets, "logits")
+    loss_sum = _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
     tokens = (targets != IGNORE_INDEX).sum()
+    return loss_sum / tokens.clamp(min=1), tokens
+
+
+def _cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    # Half-precision logits lose the small probabilities that dominate the loss of a good model.
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _head_cross_entropy_sum(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return _cross_entropy_sum(head(hidden), targets)
+
+
+def chunked_next_token_loss(
+    hidden: Tensor, head: torch.nn.Module, batch: dict[str, Tensor], chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`next_token_loss` of ``head(hidden)``, without ever holding more than ``chunk_size`` positions' logits.
+
+    The logits are the largest activation of a model with a large vocabulary: ``batch * seq_len * vocab_size`` floats
+    (2 GB in FP32 for 4096 tokens of Llama 3's 128 K vocabulary), held for backward by the cross-entropy, while the
+    hidden states they come from are ``vocab_size / hidden_size`` (32 for Llama 3 8B) times smaller. Here the
+    ``batch * seq_len`` positions are split into chunks of ``chunk_size``; each chunk's head projection, FP32 upcast
+    and cross-entropy run under non-reentrant activation checkpointing, so the forward pass keeps only views of the
+    hidden states and the backward pass recomputes one chunk's logits at a time. The result, loss and gradients
+    alike, is that of :func:`next_token_loss` up to floating-point summation order; the cost is one more head
+    projection per chunk in backward.
+
+    Args:
+        hidden: final hidden states ``(batch, seq_len, hidden_size)``, what the model feeds its output head.
+        head: the output head (``model.get_output_embeddings()`` of a Hugging Face model); any module that maps
+            hidden states to logits position by position.
+        batch: ``targets`` or ``labels``, as for :func:`next_token_loss`.
+        chunk_size: positions (of the flattened ``batch * seq_len``) whose logits exist at once.
+
+    Returns:
+        The mean cross-entropy per predicted token and the number of predicted tokens.
+
+    Example::
+
+        >>> head = torch.nn.Linear(8, 256, bias=False)
+        >>> hidden = torch.randn(2, 5, 8, requires_grad=True)
+        >>> batch = {"labels": torch.randint(0, 256, (2, 5))}
+        >>> loss, tokens = chunked_next_token_loss(hidden, head, batch, chunk_size=3)
+        >>> expected, _ = next_token_loss(head(hidden), batch)
+        >>> tokens.item(), torch.allclose(loss, expected)
+        (8, True)
+        >>> loss.backward()  # recomputes each chunk's logits, one chunk at a time
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size should be >= 1 but is: {chunk_size}")
+    targets = _next_token_targets(batch)
+    _check_positions(hidden, targets, "hidden states")
+    loss_of_chunk = partial(_head_cross_entropy_sum, head)
+    parts = []
+    for hidden_chunk, targets_chunk in zip(
+        hidden.reshape(-1, hidden.size(-1)).split(chunk_size), targets.reshape(-1).split(chunk_size), strict=True
+    ):
+        if torch.is_grad_enabled():
+            # RNG state preserved: a head with dropout (a LoRA adapter on it) must recompute the same mask
+            parts.append(checkpoint(loss_of_chunk, hidden_chunk, targets_chunk, use_reentrant=False))
+        else:
+            parts.append(loss_of_chunk(hidden_chunk, targets_chunk))
+    tokens = (targets != IGNORE_INDEX).sum()
+    loss_sum = torch.stack(parts).sum() if parts else hidden.new_zeros((), dtype=torch.float32)
     return loss_sum / tokens.clamp(min=1), tokens
 
 
@@ -107,7 +193,14 @@ class CausalLM(LightningModule):
     The model is built in ``__init__`` so that it exists, with its weights, before the ``Trainer`` starts, and the
     CLI's seed makes a from-scratch model reproducible. Pretrained models load in the dtype they were saved in
     (``dtype="auto"``), so an 8B model does not pass through a 32 GB float32 copy; train it with
-    ``precision="bf16-true"``.
+    ``precision="bf16-true"``. A model built from a config with ``dtype="bfloat16"`` is likewise created on the meta
+    device and materialised in bf16, with no FP32 copy.
+
+    The loss does not materialise the full logits: with ``loss_chunk_size`` set (the default), the model runs with its
+    output head skipped and :func:`chunked_next_token_loss` applies the head, the FP32 upcast and the cross-entropy a
+    chunk of positions at a time, recomputing each chunk's logits in backward. With a 128 K vocabulary the logits are
+    the largest activation of a step (2 GB in FP32 per 4096 tokens); chunked, one chunk's logits exist at a time.
+    :meth:`forward` still returns the full logits.
 
     Logs ``train_loss`` and ``train_ppl`` every step and ``val_loss`` and ``val_ppl`` per validation run; both are
     token-weighted means, so the perplexity is that of the whole validation split.
@@ -120,7 +213,12 @@ class CausalLM(LightningModule):
             ``model_path``.
         local_files_only: never download; a hub name then only resolves from the local cache. Set ``False`` to let
             ``from_pretrained`` fetch from the Hugging Face Hub.
-        dtype: dtype ``from_pretrained`` loads the weights in (``"auto"``: as saved; or e.g. ``"bfloat16"``).
+        dtype: dtype of the weights. With ``model_path``: the dtype ``from_pretrained`` loads them in (``"auto"``: as
+            saved; or e.g. ``"bfloat16"``). With ``config``: ``"auto"`` (or ``"float32"``) initialises in FP32 as
+            ``LlamaForCausalLM(config)`` does; another dtype (``"bfloat16"``, ``"float16"``) builds the model on the
+            meta device and materialises it in that dtype with transformers' own initialisation (same distribution,
+            not the same numbers as the FP32 init under the same seed; rotary frequencies exact, in FP32; tied
+            weights tied), so building takes the memory of the half-precision weights only.
         lr: learning rate of the AdamW from :meth:`configure_optimizers`. The CLI's ``optimizer:`` replaces that
             method, and with it this value.
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of storing
@@ -128,6 +226,13 @@ class CausalLM(LightningModule):
         gradient_checkpointing_reentrant: use ``torch.utils.checkpoint``'s reentrant variant, which only passes
             gradients to a layer whose input requires grad. (transformers 5 makes the embedding output require grad
             whenever checkpointing is on; a strategy that freezes layers can narrow that.)
+        loss_chunk_size: positions (of the flattened ``batch * seq_len``) whose logits the training and validation
+            loss computes at once (:func:`chunked_next_token_loss`); ``None`` computes the full logits first, as
+            :meth:`forward` returns them. The result is the same up to floating-point summation order. Models that
+            change the logits after their output head (a config with ``final_logit_softcapping``, ``logit_scale``,
+            ``logits_scaling`` or ``output_multiplier``, as Gemma 2, Cohere and Granite have; a forward that returns
+            something other than the head's output) or have no ``get_output_embeddings()`` fall back to the full
+            logits, with a warning.
 
     Example::
 
@@ -147,6 +252,7 @@ class CausalLM(LightningModule):
         lr: float = 3e-4,
         gradient_checkpointing: bool = False,
         gradient_checkpointing_reentrant: bool = False,
+        loss_chunk_size: int | None = 1024,
     ) -> None:
         super().__init__()
         if model_path is not None and config is not None:
@@ -156,8 +262,12 @@ class CausalLM(LightningModule):
             )
         if lr <= 0:
             raise ValueError(f"lr should be > 0 but is: {lr}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size should be >= 1 (or None for the full logits) but is: {loss_chunk_size}")
         self.save_hyperparameters()
         self.lr = lr
+        self.loss_chunk_size = loss_chunk_size
+        self._full_logits_reason: str | None = None
         self.model = self._build(model_path, config, local_files_only, dtype)
         self._rope_float32 = _float32_rope_buffers(self)
         if gradient_checkpointing:
@@ -178,10 +288,30 @@ class CausalLM(LightningModule):
                 "CausalLM wraps Hugging Face models: install them with `pip install 'lightning-memopt[recipes]'`."
             ) from err
 
-        if model_path is None:
-            return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **(config or {})}))
         # transformers 4.56 renamed `torch_dtype` to `dtype`.
         dtype_key = "dtype" if _TRANSFORMERS_DTYPE_KWARG else "torch_dtype"
+        if model_path is None:
+            llama_config = LlamaConfig(**{**TINY_LLAMA, **(config or {})})
+            if dtype in ("auto", "float32"):
+                return LlamaForCausalLM(llama_config)  # the seed's FP32 init, as before `dtype` applied to configs
+            weight_dtype = getattr(torch, dtype, None)
+            if not isinstance(weight_dtype, torch.dtype) or not weight_dtype.is_floating_point:
+                raise ValueError(
+                    f"dtype should be 'auto' or a floating-point torch dtype such as 'bfloat16' but is: {dtype!r}"
+                )
+            if not _TRANSFORMERS_INITS_ROPE:
+                # 4.x cannot initialise a meta-built model's rotary buffers; building under the default dtype
+                # still holds the half-precision weights only (initialised twice: torch's init, then transformers')
+                return AutoModelForCausalLM.from_config(llama_config, **{dtype_key: weight_dtype})
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(llama_config, **{dtype_key: weight_dtype})
+            model.to_empty(device="cpu")
+            # `to_empty` gives each module that shares a tied weight its own empty tensor: tie them again before any
+            # is written, so the duplicate's pages are never touched and the embedding is not held twice
+            model.tie_weights()
+            # transformers' initialisation of every weight, and of the rotary frequencies (FP32, from the config)
+            model.init_weights()
+            return model
         model_path = os.path.expanduser(model_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -236,8 +366,70 @@ class CausalLM(LightningModule):
         ).logits
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        head = self._chunked_head()
+        if head is not None and self.loss_chunk_size is not None:
+            hidden = self._hidden_states(batch, head)
+            if hidden is not None:
+                return chunked_next_token_loss(hidden, head, batch, self.loss_chunk_size)
         logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         return next_token_loss(logits, batch)
+
+    def _chunked_head(self) -> torch.nn.Module | None:
+        # looked up at every step: the model can be replaced after `__init__` (peft's `get_peft_model` wraps it)
+        if self.loss_chunk_size is None or self._full_logits_reason is not None:
+            return None
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        config = getattr(self.model, "config", None)
+        get_text_config = getattr(config, "get_text_config", None)
+        if callable(get_text_config):
+            config = get_text_config()
+        transforms = [key for key in _LOGIT_TRANSFORMS if getattr(config, key, None) is not None]
+        if not isinstance(head, torch.nn.Module):
+            self._use_full_logits("it has no output head (`get_output_embeddings()` returns None)")
+        elif transforms:
+            self._use_full_logits(f"its forward changes the logits after the head ({', '.join(transforms)})")
+        else:
+            return head
+        return None
+
+    def _hidden_states(self, batch: dict[str, Tensor], head: torch.nn.Module) -> Tensor | None:
+        """The model's output with its head skipped: the final hidden states, or ``None`` if its forward changed them.
+
+        The head's ``forward`` (not the module: its hooks, peft's wrappers and the model's forward all stay as they
+        are) passes its input through for one call, so whatever the model's forward and transformers' gradient
+        checkpointing do before the head still happens.
+        """
+        fed: list[Tensor] = []
+
+        def skip_head(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            fed.append(hidden)
+            return hidden
+
+        own = head.__dict__.get("forward")  # an instance-level forward, as accelerate's hooks install
+        head.forward = skip_head  # type: ignore[method-assign]
+        try:
+            # `forward`, not `__call__`: under `badam_fsdp` the step already runs inside this module's call, and a
+            # nested one would reshard its weights (the head's among them) on return, before the chunks need them
+            out = self.forward(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        finally:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
+        if len(fed) == 1 and out is fed[0]:
+            return out
+        # scaled, soft-capped, sliced or upcast after the head (a model we do not know): this step, and every later
+        # one, computes the full logits; the wasted forward happens once
+        self._use_full_logits("its forward changes the output of the head (or calls it more than once)")
+        return None
+
+    def _use_full_logits(self, reason: str) -> None:
+        self._full_logits_reason = reason
+        rank_zero_warn(
+            f"CausalLM(loss_chunk_size={self.loss_chunk_size}) computes this model's loss from the full logits, not in"
+            f" chunks: {reason}. Pass `loss_chunk_size=None` to choose the full logits and silence this warning."
+        )
 
     @staticmethod
     def _in_float32(*metrics: MeanMetric) -> None:
