@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint typecheck unit bench bench-comm bench-finetune clean
+.PHONY: install quickstart test lint typecheck unit bench bench-comm bench-finetune bench-scale selfcheck clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench-comm: $(STAMP)
 
 bench-finetune: $(STAMP)
 	$(BIN)/python -m lightning_memopt.bench finetune --jobs 2 --out bench_results/finetune
+
+# a few BAdam steps of Llama 3-8B's shape on this machine (~20 GB; refuses when the memory is not free)
+bench-scale: $(STAMP)
+	$(BIN)/python -m lightning_memopt.bench scale --out bench_results/scale
+
+# the GPU checks (CUDA peak vs estimate, step-time ratio, 16-true, NCCL); without CUDA it lists them and exits 0
+selfcheck: $(STAMP)
+	$(BIN)/python -m lightning_memopt.selfcheck --json selfcheck.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs

@@ -109,13 +109,15 @@ def _with_current_parameters(generated: partial[Any], names: dict[int, str]) -> 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-memopt`` and ``python -m lightning_memopt``.
 
-    ``export`` is this package's own subcommand (see :mod:`lightning_memopt.export`); everything else goes to
-    LightningCLI (``fit``, ``validate``, ``test``, ``predict``).
+    ``export`` and ``estimate`` are this package's own subcommands (see :mod:`lightning_memopt.export` and
+    :mod:`lightning_memopt.estimate`); everything else goes to LightningCLI (``fit``, ``validate``, ``test``,
+    ``predict``).
 
     Example::
 
         >>> main(["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_steps", "10"])  # doctest: +SKIP
         >>> main(["export", "last.ckpt", "exported/"])  # doctest: +SKIP
+        >>> main(["estimate", "--model", "llama-3-8b", "--gpu-memory", "24GB"])  # doctest: +SKIP
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv[:1] == ["export"]:
@@ -123,5 +125,12 @@ def main(args: ArgsType = None) -> None:
         from lightning_memopt.export import main as export_main
 
         export_main(list(argv[1:]))
+        return
+    if isinstance(argv, (list, tuple)) and argv[:1] == ["estimate"]:
+        from lightning_memopt.estimate import main as estimate_main
+
+        code = estimate_main(list(argv[1:]))
+        if code:
+            raise SystemExit(code)
         return
     MemoptCLI(args=args)

@@ -93,18 +93,24 @@ class StorageLedger:
         (64, 0, 0)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shapes_only: bool = False) -> None:
         self._seen: set[tuple[str, int]] = set()
         self.bytes_by_device: dict[str, int] = {}
+        self.shapes_only = shapes_only
+        """Also count meta and fake tensors, by their storage objects (the prediction of a model on the meta device,
+        as ``lightning-memopt estimate`` builds it); otherwise they own no memory and count 0."""
 
-    @staticmethod
-    def key(tensor: Tensor) -> tuple[str, int] | None:
+    def key(self, tensor: Tensor) -> tuple[str, int] | None:
         """``(device, data_ptr)`` of the tensor's storage, or ``None`` for a tensor without memory (meta, empty)."""
         tensor = local_tensor(tensor)
         if tensor.device.type == "meta" or is_fake(tensor):
             # a FakeTensor (left by tracing, e.g. Lightning's FLOPs count in the model summary, until the garbage
             # collector frees it) owns no memory; its data pointer is 0, or access to it raises
-            return None
+            if not self.shapes_only:
+                return None
+            storage = tensor.untyped_storage()
+            # the storage's C++ object: one per storage, shared by views and tied weights, as data_ptr is
+            return (str(tensor.device), storage._cdata) if storage.nbytes() else None
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
             return None
@@ -338,10 +344,10 @@ def predict_memory(
     """
     masters = dict(masters or {})
     params = _unique_params(module)
-    weight_storages = StorageLedger()
+    weight_storages = StorageLedger(shapes_only=True)
     weights = sum(weight_storages.add(p) for _, p in params)
     numel = sum(local_tensor(p).numel() for _, p in params)
-    buffers = StorageLedger()
+    buffers = StorageLedger(shapes_only=True)
     buffer_bytes = sum(buffers.add(b) for b in module.buffers() if b not in weight_storages)
     own_masters = [m for m in masters.values() if m not in weight_storages]
     master_bytes = sum(local_tensor(m).numel() * 4 for m in own_masters)

@@ -298,8 +298,9 @@ def optimizer_state_bytes(
 ) -> int | None:
     """Bytes of state ``optimizer`` keeps for ``param`` after a step; ``None`` for an optimizer it does not know.
 
-    Knows torch's ``Adam``/``AdamW`` (incl. ``amsgrad``), ``SGD``, ``Adafactor`` and bitsandbytes' one- and
-    two-state optimizers (8-bit or 32-bit, honouring ``min_8bit_size`` and per-parameter overrides). Shared
+    Knows torch's ``Adam``/``AdamW`` (incl. ``amsgrad``), ``SGD``, ``Adafactor``, this package's ``AdaLomo`` and
+    bitsandbytes' one- and two-state optimizers (8-bit or 32-bit, honouring ``min_8bit_size`` and per-parameter
+    overrides). Shared
     bitsandbytes quantisation maps are not included (see :func:`predict_memory`).
 
     Example::
@@ -325,6 +326,12 @@ def optimizer_state_bytes(
         return (3 if amsgrad else 2) * numel * size + 4
     if isinstance(optimizer, torch.optim.SGD):
         return numel * size if optimizer.param_groups[group_index].get("momentum", 0) != 0 else 0
+    if isinstance(optimizer, AdaLomo):
+        # factored FP32 (FP64 for FP64 weights) second moment: one value per row and per column of each matrix
+        wide = 8 if param.dtype == torch.float64 else 4
+        if param.dim() >= 2 and numel:
+            return (numel // param.shape[-1] + numel // param.shape[-2]) * wide
+        return numel * wide
     if isinstance(optimizer, torch.optim.Adafactor):
         if param.dim() > 1:
             rows, cols = param.shape[-2], param.shape[-1]
@@ -381,8 +388,8 @@ def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple
     if isinstance(optimizer, torch.optim.SGD):
         momentum = optimizer.param_groups[0].get("momentum", 0) if optimizer.param_groups else 0
         return (float(state_size) if momentum else 0.0), "SGD" + (" (momentum)" if momentum else "")
-    if isinstance(optimizer, torch.optim.Adafactor):
-        return 0.0, "Adafactor"
+    if isinstance(optimizer, torch.optim.Adafactor | AdaLomo):
+        return 0.0, type(optimizer).__name__
     return 0.0, type(optimizer).__name__
 
 

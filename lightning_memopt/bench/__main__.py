@@ -7,6 +7,7 @@ Usage::
     python -m lightning_memopt.bench --list                # the methods and whether they can run
     python -m lightning_memopt.bench comm                  # bytes all-reduced per step, BAdam DDP vs DDP (2 gloo ranks)
     python -m lightning_memopt.bench finetune --out out/   # fine-tuning a pretrained base: BAdam vs AdamW vs LoRA
+    python -m lightning_memopt.bench scale                 # a few BAdam steps of Llama 3-8B's shape vs the estimate
 """
 
 from __future__ import annotations
@@ -172,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (1 if a method failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python -m lightning_memopt.bench " + shlex.join(argv)
+    if argv and argv[0] in ("scale", "scale-worker"):
+        from lightning_memopt.bench import scale
+
+        if argv[0] == "scale-worker":
+            scale.worker_main(argv[1:])
+            return 0
+        return scale.main(argv[1:], command)
     if argv and argv[0] == "finetune-worker":
         _finetune_worker(argv[1:])
         return 0

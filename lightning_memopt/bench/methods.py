@@ -184,6 +184,13 @@ METHODS: dict[str, Method] = {
         Method("block-sgd", "Block SGD (BAdam + SGD, bf16-true)", "bf16-true", "sgd", kind="badam"),
         Method("lomo", "LOMO (SGD in backward, bf16-true)", "bf16-true", "sgd-plain", fused=True),
         Method("adalomo", "AdaLomo (in backward, bf16-true)", "bf16-true", "adalomo", fused=True),
+        Method(
+            "adamw8bit-fused",
+            "AdamW8bit in backward (bf16-true, torchtune's optimizer_in_bwd)",
+            "bf16-true",
+            "adamw8bit",
+            fused=True,
+        ),
         Method("badam-fused", "BAdam + AdamW, update in backward (bf16-true)", "bf16-true", kind="badam", fused=True),
         Method(
             "badam-8bit-fused",

@@ -45,8 +45,8 @@ class BenchLM(CausalLM):
         model = BenchLM(BenchConfig().model_config(), "adamw8bit", BenchConfig())
     """
 
-    def __init__(self, config: dict[str, Any], optimizer: str, bench: BenchConfig) -> None:
-        super().__init__(config=config)
+    def __init__(self, config: dict[str, Any], optimizer: str, bench: BenchConfig, **causal_lm: Any) -> None:
+        super().__init__(config=config, **causal_lm)
         self.optimizer_name = optimizer
         self.bench = bench
 
