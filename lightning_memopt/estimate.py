@@ -60,7 +60,16 @@ from lightning_memopt.memory import MemoryPrediction, predict_memory
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["ESTIMATE_METHODS", "PRESETS", "Estimate", "EstimateError", "estimate", "format_estimates", "main"]
+__all__ = [
+    "ESTIMATE_METHODS",
+    "PRESETS",
+    "Estimate",
+    "EstimateError",
+    "estimate",
+    "format_estimates",
+    "main",
+    "unsupported",
+]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": {
@@ -407,7 +416,8 @@ def estimate(
     Args:
         model: a preset (:data:`PRESETS`), a model directory or ``config.json``, a dict of ``LlamaConfig``
             arguments, or a Hugging Face config.
-        methods: benchmark method names; ``None``: :data:`ESTIMATE_METHODS`.
+        methods: benchmark method names; ``None``: :data:`ESTIMATE_METHODS` less those the pack cannot run on
+            ``devices`` (see :func:`unsupported`; naming one of those is an error).
         seq_len, batch_size: tokens per sequence and sequences per micro-batch on each rank.
         devices: ranks; with ``sharded`` the weights, masters, gradients and state are split over them as FSDP2 does
             (``badam_fsdp``, or FSDP for the plain optimizers), otherwise each rank holds all of it (DDP).
@@ -430,6 +440,12 @@ def estimate(
     if unknown:
         raise EstimateError(f"Unknown method {unknown[0]!r}. Choose from: {', '.join(ESTIMATE_METHODS)}.")
     chosen = [METHODS[n] for n in names]
+    if methods is not None:
+        for method in chosen:
+            reason = unsupported(method, devices, sharded)
+            if reason:
+                raise EstimateError(f"{method.name}: {reason}")
+    chosen = [m for m in chosen if unsupported(m, devices, sharded) is None]
     if precision is not None:
         chosen = [m for m in chosen if m.precision == precision]
         if not chosen:
@@ -462,6 +478,14 @@ def estimate(
             block_name, prediction = predictions[0]
             act = activations(method, None)
         strategy = _strategy_name(method, devices, sharded)
+        notes = list(prediction.notes)
+        if sharded and devices > 1:
+            gathered = 2 * _largest_layer_bytes(config, _weight_dtype(method.precision))
+            act += gathered
+            notes.append(
+                f"FSDP: activations include two decoder layers' all-gathered weights ({gathered:,} bytes: the layer "
+                "computing and the one prefetched); the reduce-scatter buffers of a layer's gradients are not modelled."
+            )
         total = prediction.total + act
         rows.append(
             Estimate(
@@ -479,10 +503,36 @@ def estimate(
                 fits=None if gpu_memory is None else total <= gpu_memory,
                 block=block_name,
                 blocks=prediction.blocks,
-                notes=list(prediction.notes),
+                notes=notes,
             )
         )
     return rows
+
+
+def _largest_layer_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    from lightning_memopt.blocks import find_layer_lists
+
+    model = meta_model(config, dtype)
+    layers = [model.get_submodule(path) for path in find_layer_lists(model)]
+    sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for group in layers for layer in group]
+    return max(sizes, default=0)
+
+
+def unsupported(method: Method, devices: int, sharded: bool) -> str | None:
+    """Why the pack cannot train ``method`` on ``devices`` GPUs (sharded or not); ``None`` when it can.
+
+    Example::
+
+        >>> unsupported(METHODS["lomo"], 2, False)
+        'the update in backward of the whole model (fused_update) runs on one device; use badam-fused on several'
+    """
+    if devices > 1 and method.fused and not method.badam:
+        return "the update in backward of the whole model (fused_update) runs on one device; use badam-fused on several"
+    if devices > 1 and sharded and method.fused:
+        return (
+            "badam_fsdp refuses fused_update (FSDP2 reduce-scatters a layer's gradients together); use --strategy ddp"
+        )
+    return None
 
 
 def _strategy_name(method: Method, devices: int, sharded: bool) -> str:
@@ -629,4 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps([r.as_json() for r in rows], indent=2))
     else:
         print(format_estimates(rows, gpu_memory))
+        shown = {r.method for r in rows}
+        left_out = [n for n in (methods or ESTIMATE_METHODS) if n not in shown]
+        if left_out and methods is None:
+            print(f"left out (the pack cannot run them on {settings.get('devices', 1)} GPUs): {', '.join(left_out)}")
     return 0

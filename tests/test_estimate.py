@@ -161,6 +161,18 @@ def test_sharded_rows_divide_the_model_state(fp32_model_dir):
     assert four.masters == one.masters // 4
 
 
+def test_methods_the_pack_cannot_run_on_several_gpus_are_left_out_or_refused(capsys):
+    names = [r.method for r in estimate(TINY, seq_len=8, devices=2, sharded=True)]
+    assert "badam" in names and "lomo" not in names and "badam-fused" not in names
+    assert "badam-fused" in [r.method for r in estimate(TINY, seq_len=8, devices=2)]  # badam_ddp takes it
+    with pytest.raises(EstimateError, match="runs on one device"):
+        estimate(TINY, ["lomo"], devices=2)
+    with pytest.raises(EstimateError, match="badam_fsdp refuses fused_update"):
+        estimate(TINY, ["badam-fused"], devices=2, sharded=True)
+    assert main(["--model", "llama-3-8b", "--seq-len", "8", "--devices", "2", "--strategy", "fsdp"]) == 0
+    assert "left out (the pack cannot run them on 2 GPUs): lomo, adalomo" in capsys.readouterr().out
+
+
 def test_cli_json_rows(capsys, fp32_model_dir):
     assert main(["--model", str(fp32_model_dir), "--seq-len", "16", "--gpu-memory", "1GB", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
