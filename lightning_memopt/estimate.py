@@ -513,8 +513,8 @@ def _largest_layer_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
     from lightning_memopt.blocks import find_layer_lists
 
     model = meta_model(config, dtype)
-    layers = [model.get_submodule(path) for path in find_layer_lists(model)]
-    sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for group in layers for layer in group]
+    layers = [layer for path in find_layer_lists(model) for layer in model.get_submodule(path).children()]
+    sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
     return max(sizes, default=0)
 
 
