@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any
 
@@ -23,20 +24,29 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+# torch (2.13): the base class of dispatch modes, which sees every operator call and its results, and pytree's
+# flattening of nested results (both public in use, private in name)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 __all__ = [
     "OPTIMIZER_STEP_HOOK_ATTRS",
+    "TorchDispatchMode",
     "buffer",
     "child_schedulers",
     "compiled_parts",
     "disable_input_grad_hooks",
     "dynamo_recompile_limit",
     "enable_input_grad_hooks",
+    "fake_tensor_mode",
     "is_fake",
     "lightning_trainer",
     "nonfinite_flag",
     "parallel_devices",
     "replace_buffer",
+    "storage_key",
     "track_step_called",
+    "tree_leaves",
 ]
 
 # torch (2.13): the dicts behind Optimizer.register_step_pre_hook / register_step_post_hook
@@ -172,3 +182,20 @@ def replace_buffer(module: nn.Module, name: str, tensor: Tensor) -> bool:
 def buffer(module: nn.Module, name: str) -> Tensor | None:
     """``module``'s own buffer ``name`` (not a submodule's), or ``None``."""
     return module._buffers.get(name)
+
+
+def storage_key(tensor: Tensor) -> int:
+    """An identity of ``tensor``'s storage, shared by its views and tied weights, for meta and fake tensors too (whose
+    ``data_ptr`` is 0): the address of torch's C++ storage object (``UntypedStorage._cdata``, torch 2.13), valid
+    while the storage lives."""
+    return int(tensor.untyped_storage()._cdata)
+
+
+@contextmanager
+def fake_tensor_mode() -> Iterator[Any]:
+    """torch's ``FakeTensorMode`` (``torch._subclasses``, 2.13): tensors made inside have shapes, dtypes and devices
+    but no memory, and operators on them compute nothing. Real tensors passed in are converted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode

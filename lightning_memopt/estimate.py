@@ -10,7 +10,7 @@ memory, no weights read), so an 8B or 70B model costs a fraction of a second. Th
   :class:`~lightning_memopt.MemoryReport` accounts on a real run, to the byte (tested).
 * **activations** (everything else live during one forward and backward: tensors saved for backward, the logits and
   the loss, temporaries, the gradients of the active block's half weights) is *simulated*: the model runs one
-  forward and backward on fake tensors (``torch._subclasses.FakeTensorMode``, no memory and no arithmetic) while a
+  forward and backward on fake tensors (torch's ``FakeTensorMode``, no memory and no arithmetic) while a
   dispatch mode follows every storage created and freed and keeps the peak. The simulation runs the model as
   :class:`~lightning_memopt.lm.CausalLM` does (chunked cross-entropy, gradient checkpointing, autocast for
   ``bf16-mixed``, which parameters require grad, gradients freed in backward with the update in backward). It is an
@@ -39,20 +39,26 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lightning_memopt.bench.config import BenchConfig
 from lightning_memopt.bench.methods import METHODS, Method, build_optimizer
 from lightning_memopt.blocks import partition
+from lightning_memopt.compat import (
+    TorchDispatchMode,
+    buffer,
+    fake_tensor_mode,
+    replace_buffer,
+    storage_key,
+    tree_leaves,
+)
 from lightning_memopt.engine import BlockEngine
 from lightning_memopt.lm import next_token_loss
 from lightning_memopt.memory import MemoryPrediction, predict_memory
@@ -227,7 +233,9 @@ def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     rope = [(m, n) for m in model.modules() for n, b in m.named_buffers(recurse=False) if "inv_freq" in n]
     model.to(dtype)
     for module, name in rope:
-        module._buffers[name] = module._buffers[name].float()  # type: ignore[union-attr]
+        current = buffer(module, name)
+        if current is not None:
+            replace_buffer(module, name, current.float())
     return model.train()
 
 
@@ -239,7 +247,7 @@ def _shard_rows(model: nn.Module, ranks: int) -> None:
                 continue
             rows = math.ceil(param.shape[0] / ranks)
             shard = torch.empty((rows, *param.shape[1:]), dtype=param.dtype, device="meta")
-            module._parameters[name] = nn.Parameter(shard, requires_grad=param.requires_grad)
+            setattr(module, name, nn.Parameter(shard, requires_grad=param.requires_grad))
 
 
 def _weight_dtype(precision: str) -> torch.dtype:
@@ -289,7 +297,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def __init__(self, existing: Sequence[Tensor]) -> None:
         super().__init__()
-        self._existing = {t.untyped_storage()._cdata for t in existing}
+        self._existing = {storage_key(t) for t in existing}
         self._live: dict[int, int] = {}
         self._refs: list[weakref.ref[Any]] = []
         self.current = 0
@@ -304,7 +312,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def _track(self, tensor: Tensor) -> None:
         storage = tensor.untyped_storage()
-        key = storage._cdata
+        key = storage_key(tensor)
         if key in self._existing or key in self._live:
             return
         nbytes = storage.nbytes()
@@ -318,14 +326,6 @@ class _LiveBytes(TorchDispatchMode):
             self.current -= self._live.pop(key, 0)
 
         return free
-
-
-@contextmanager
-def _fake_mode() -> Iterator[Any]:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        yield mode
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -355,7 +355,7 @@ def _simulate(
     gradients already exist, as after a first step, unless ``fused`` frees each in backward)."""
     dtype = _weight_dtype(precision)
     model = meta_model(config, dtype)
-    with _fake_mode():
+    with fake_tensor_mode():
         model = model.to_empty(device="cpu")
         rope = [b for n, b in model.named_buffers() if "inv_freq" in n]
         for buf in rope:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_memopt.compat import is_fake
+from lightning_memopt.compat import is_fake, storage_key
 from lightning_memopt.optimizers import (
     local_tensor,
     optimizer_state_bytes,
@@ -108,9 +108,8 @@ class StorageLedger:
             # collector frees it) owns no memory; its data pointer is 0, or access to it raises
             if not self.shapes_only:
                 return None
-            storage = tensor.untyped_storage()
-            # the storage's C++ object: one per storage, shared by views and tied weights, as data_ptr is
-            return (str(tensor.device), storage._cdata) if storage.nbytes() else None
+            # the storage's own identity: shared by views and tied weights, as data_ptr is
+            return (str(tensor.device), storage_key(tensor)) if tensor.untyped_storage().nbytes() else None
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
             return None

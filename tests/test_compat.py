@@ -107,7 +107,7 @@ def test_only_compat_touches_other_libraries_private_names():
     private = re.compile(
         r"_(require_grads_hooks|compiler_ctx|compiled_call_impl|accelerator_connector|parallel_devices|"
         r"optimizer_step_(pre|post)_hooks|wrapped_by_lr_sched|opt_called)\b|\._(trainer|buffers)\b|\"_(schedulers|trainer)\"|"
-        r"torch\._subclasses"
+        r"torch\._subclasses|_cdata\b|torch\.utils\._(python_dispatch|pytree)\b"
     )
     offenders = [
         str(path.relative_to(root))
@@ -115,6 +115,22 @@ def test_only_compat_touches_other_libraries_private_names():
         if path.name != "compat.py" and private.search(path.read_text())
     ]
     assert offenders == [], offenders
+
+
+def test_storage_key_and_fake_tensors():
+    weight = torch.empty(4, 3, device="meta")
+    assert (
+        compat.storage_key(weight)
+        == compat.storage_key(weight.t())
+        != compat.storage_key(torch.empty(2, device="meta"))
+    )
+    real = torch.zeros(4)
+    assert compat.storage_key(real) == compat.storage_key(real[1:])
+    with compat.fake_tensor_mode():
+        fake = torch.zeros(1000, 1000) @ torch.ones(1000, 10)
+        assert compat.is_fake(fake) and fake.shape == (1000, 10)
+        assert compat.storage_key(fake) == compat.storage_key(fake.view(-1))
+    assert compat.tree_leaves({"a": (1, [real])}) == [1, real]
 
 
 def test_nonfinite_flag_is_exact_and_leaves_the_values_alone():

@@ -148,12 +148,9 @@ def run_scale_row(name: str, config: ScaleConfig, out: Path) -> dict[str, Any]:
     built_s = time.perf_counter() - started
     clock = StepClock()
     report = MemoryReport(every_n_steps=1, count_other=False, filename="memory.json")
+    switch = [BlockSwitch(every=config.every, order="ascending")] if method.badam else []
     trainer = build_trainer(
-        out,
-        method.precision,
-        config.steps,
-        [clock, BlockSwitch(every=config.every, order="ascending"), report],
-        strategy=method.build_strategy(),
+        out, method.precision, config.steps, [clock, *switch, report], strategy=method.build_strategy()
     )
     data = DataLoader(_RandomTokens(model_config.vocab_size, config.seq_len, config.steps), batch_size=1)
     trainer.fit(model, data)
