@@ -263,19 +263,19 @@ def _partition_options(method: Method) -> dict[str, Any]:
 
 def _model_state(
     method: Method, config: PretrainedConfig, setting: _Setting
-) -> tuple[list[tuple[str | None, MemoryPrediction]], list[str]]:
-    """The prediction for each BAdam block (one entry for a plain optimizer) and the names of the parameters of each
-    entry's trained set."""
+) -> list[tuple[str | None, set[str] | None, MemoryPrediction]]:
+    """For each BAdam block (one entry for a plain optimizer): its name, its parameter names (``None``: every
+    parameter trains) and the prediction."""
     model = meta_model(config, _weight_dtype(method.precision))
     if setting.sharded and setting.devices > 1:
         _shard_rows(model, setting.devices)
     optimizer = build_optimizer(method.optimizer, model.parameters(), BenchConfig(), lr=method.lr)
     if not method.badam:
         prediction = predict_memory(model, [optimizer], precision=method.precision, update_in_backward=method.fused)
-        return [(None, prediction)], []
+        return [(None, None, prediction)]
     blocks = partition(model, **_partition_options(method))
     engine = BlockEngine(model, blocks, optimizer)
-    predictions: list[tuple[str | None, MemoryPrediction]] = []
+    predictions: list[tuple[str | None, set[str] | None, MemoryPrediction]] = []
     for index, block in enumerate(blocks):
         engine.activate((index,))
         prediction = predict_memory(
@@ -286,8 +286,8 @@ def _model_state(
             blocks=len(blocks),
             update_in_backward=method.fused,
         )
-        predictions.append((block.name, prediction))
-    return predictions, [n for b in blocks for n in b.param_names]
+        predictions.append((block.name, set(block.param_names), prediction))
+    return predictions
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -464,19 +464,14 @@ def estimate(
 
     rows = []
     for method in chosen:
-        predictions, _ = _model_state(method, config, setting)
-        if method.badam:
-            blocks = partition(meta_model(config, torch.bfloat16), **_partition_options(method))
-            largest = max(range(len(blocks)), key=lambda i: predictions[i][1].total)
-            # the first block has the longest backward below it; the largest one the most model state
-            candidates = sorted({0, largest})
-            totals = {i: predictions[i][1].total + activations(method, set(blocks[i].param_names)) for i in candidates}
-            chosen_block = max(candidates, key=lambda i: totals[i])
-            block_name, prediction = predictions[chosen_block]
-            act = totals[chosen_block] - prediction.total
-        else:
-            block_name, prediction = predictions[0]
-            act = activations(method, None)
+        predictions = _model_state(method, config, setting)
+        largest = max(range(len(predictions)), key=lambda i: predictions[i][2].total)
+        # BAdam: the first block has the longest backward below it, the largest one the most model state
+        candidates = sorted({0, largest})
+        totals = {i: predictions[i][2].total + activations(method, predictions[i][1]) for i in candidates}
+        chosen_block = max(candidates, key=lambda i: totals[i])
+        block_name, _, prediction = predictions[chosen_block]
+        act = totals[chosen_block] - prediction.total
         strategy = _strategy_name(method, devices, sharded)
         notes = list(prediction.notes)
         if sharded and devices > 1:

@@ -54,7 +54,6 @@ def test_scale_command_line_refuses_with_exit_code_1(tmp_path):
 
 
 def test_selfcheck_without_cuda_says_what_it_would_run(capsys):
-    pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():
