@@ -25,6 +25,7 @@ from lightning_memopt.callbacks import (
     UpdateClipping,
 )
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.low_rank import install_galore_shims, low_rank_param_groups
 from lightning_memopt.memory import MemoryReport
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, register
@@ -33,6 +34,8 @@ __version__ = "0.1.0.dev0"
 
 # Lightning 2.6 does not discover third-party strategies: register ours on import, once.
 register(StrategyRegistry)
+# GaLore's projector in weights_only checkpoints, its FP32 projections at their own size (when galore_torch is in use)
+install_galore_shims()
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -51,5 +54,6 @@ __all__ = [
     "StateFreeUpdates",
     "UpdateClipping",
     "__version__",
+    "low_rank_param_groups",
     "partition",
 ]

@@ -7,14 +7,17 @@ writes a checkpoint as a Hugging Face model directory or a safetensors file (:mo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from functools import partial, update_wrapper
 from types import MethodType
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeUnion
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
@@ -22,6 +25,8 @@ from typing_extensions import override
 # Lightning 2.6 does not discover third-party strategies: importing the package registers `badam` and friends, so
 # `trainer.strategy: badam` resolves in a recipe.
 import lightning_memopt  # noqa: F401
+from lightning_memopt.low_rank import LowRankOptions, install_galore_shims, low_rank_param_groups
+from lightning_memopt.optimizers import is_galore, optimizer_name
 
 __all__ = ["MemoptCLI", "main"]
 
@@ -42,6 +47,8 @@ class MemoptCLI(LightningCLI):
       fine-tuning recipes count warmup and cosine decay in steps and often run less than one epoch.
       ``ReduceLROnPlateau`` still steps per epoch, on its ``monitor``.
     - The seed defaults to 0, and re-running into the same directory overwrites the saved ``config.yaml``.
+    - A ``low_rank:`` section (the options of :func:`~lightning_memopt.low_rank_param_groups`) gives a GaLore
+      optimizer in the ``optimizer:`` section its param groups: the projected matrices, rank, gap and scale.
     - The ``optimizer:`` section's optimizer trains the parameters the module holds when the strategy asks for it.
       (LightningCLI builds it from ``model.parameters()`` while parsing, before a sharding strategy such as
       ``badam_fsdp`` replaces the parameters with sharded ones, which left it holding the stale, unsharded tensors.)
@@ -73,13 +80,41 @@ class MemoptCLI(LightningCLI):
         )
 
     @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--low_rank",
+            type=Optional[LowRankOptions],  # noqa: UP045 (jsonargparse reads the annotation at run time)
+            default=None,
+            help="GaLore's param groups for the optimizer: section's galore_torch optimizer "
+            "(lightning_memopt.low_rank_param_groups: rank, update_proj_gap, scale, proj_type, target_modules).",
+        )
+
+    @override
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        low_rank = config.get("low_rank")
         configured = getattr(self.model, "configure_optimizers", None)
         generated = getattr(configured, "__func__", None)
-        if isinstance(generated, partial) and isinstance(generated.keywords.get("optimizer"), Optimizer):
+        optimizer = generated.keywords.get("optimizer") if isinstance(generated, partial) else None
+        if isinstance(generated, partial) and isinstance(optimizer, Optimizer):
+            install_galore_shims()  # the optimizer's class is imported now; a checkpoint is restored later
+            if low_rank is not None:
+                _use_low_rank_groups(optimizer, self.model, low_rank)
+            elif is_galore(optimizer):
+                rank_zero_warn(
+                    f"The optimizer: section configures galore_torch's {type(optimizer).__name__} without a low_rank: "
+                    "section, so no matrix gets a projection and it trains as the plain optimizer. Add e.g. "
+                    "`low_rank: {rank: 128}` to the recipe."
+                )
             names = {id(p): n for n, p in self.model.named_parameters()}
             self.model.configure_optimizers = MethodType(_with_current_parameters(generated, names), self.model)
+        elif low_rank is not None:
+            raise MisconfigurationException(
+                "The low_rank: section builds GaLore's param groups for the optimizer: section, but the recipe has no "
+                "optimizer: section. Add one with a galore_torch optimizer (class_path: galore_torch.GaLoreAdamW), or "
+                "remove low_rank:."
+            )
 
     @staticmethod
     @override
@@ -89,6 +124,20 @@ class MemoptCLI(LightningCLI):
         if lr_scheduler is None or isinstance(lr_scheduler, ReduceLROnPlateau):
             return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+
+def _use_low_rank_groups(optimizer: Optimizer, model: LightningModule, options: LowRankOptions) -> None:
+    if not is_galore(optimizer):
+        raise MisconfigurationException(
+            f"The low_rank: section gives param groups GaLore's projection keys, but the optimizer: section's "
+            f"{optimizer_name(optimizer)} would ignore them. Use galore_torch.GaLoreAdamW, GaLoreAdafactor or "
+            "GaLoreAdamW8bit, or remove low_rank:."
+        )
+    groups = low_rank_param_groups(model, **dataclasses.asdict(options))
+    # the CLI built the optimizer over model.parameters() with the section's arguments: same defaults, new groups
+    optimizer.param_groups = []
+    for group in groups:
+        optimizer.add_param_group(group)
 
 
 def _with_current_parameters(generated: partial[Any], names: dict[int, str]) -> Callable[[LightningModule], Any]:

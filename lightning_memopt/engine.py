@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -151,6 +152,11 @@ class BlockEngine:
         for param in self.params.values():
             param.requires_grad_(False)
             param.grad = None
+        # state an optimizer creates at construction, before any step (FLORA's per-parameter random seeds): each
+        # new master starts from its parameter's, as the optimizer over the whole model would
+        self.initial_state: dict[str, dict[str, Any]] = {
+            self._name_of[id(p)]: dict(s) for p, s in optimizer.state.items() if s and id(p) in self._name_of
+        }
         for group in optimizer.param_groups:
             group["params"] = []
         optimizer.state = defaultdict(dict)
@@ -202,6 +208,9 @@ class BlockEngine:
                 self.masters[name] = param
         for group, members in zip(self.optimizer.param_groups, self.group_members, strict=True):
             group["params"] = [self.masters[n] for n in members if n in self.masters]
+        for name, master in self.masters.items():
+            if name in self.initial_state:
+                self.optimizer.state[master] = copy.deepcopy(self.initial_state[name])
         if self.keep_optimizer_state:
             for name, master in self.masters.items():
                 if name in self.stash:

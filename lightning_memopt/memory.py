@@ -57,6 +57,7 @@ from typing_extensions import override
 
 from lightning_memopt.compat import is_fake, storage_key
 from lightning_memopt.optimizers import (
+    frees_gradients,
     local_tensor,
     optimizer_state_bytes,
     predict_optimizer_state_bytes,
@@ -200,15 +201,27 @@ def _optimizer_params(optimizers: Iterable[Optimizer]) -> list[Tensor]:
     return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
-def _state_tensors(state: Any, prefix: str) -> Iterable[tuple[str, Tensor]]:
+def _state_tensors(state: Any, prefix: str, depth: int = 0) -> Iterable[tuple[str, Tensor]]:
     if isinstance(state, Tensor):
-        yield prefix, state
+        flatten = getattr(state, "__tensor_flatten__", None)
+        if callable(flatten) and type(state) is not Tensor and not hasattr(state, "to_local"):
+            # a wrapper subclass (torchao's OptimState4bit/8bit/Fp8) owns no storage: its inner tensors do (codes,
+            # scales, the quantisation map)
+            names, _ = flatten()
+            for name in names:
+                yield from _state_tensors(getattr(state, name), prefix, depth)
+        else:
+            yield prefix, state
     elif isinstance(state, Mapping):
         for key, value in state.items():
-            yield from _state_tensors(value, prefix or str(key))
+            yield from _state_tensors(value, prefix or str(key), depth)
     elif isinstance(state, list | tuple):
         for value in state:
-            yield from _state_tensors(value, prefix)
+            yield from _state_tensors(value, prefix, depth)
+    elif depth < 2 and hasattr(state, "__dict__") and not isinstance(state, type):
+        # an object in the state (GaLore's projector holds its projection matrices as attributes)
+        for value in vars(state).values():
+            yield from _state_tensors(value, prefix, depth + 1)
 
 
 def account_memory(
@@ -366,7 +379,13 @@ def predict_memory(
         if p.requires_grad and id(p) not in seen and name not in masters and id(p) not in master_ids:
             seen.add(id(p))
             trained.append(p)
-    grads = sum(local_tensor(p).numel() * p.element_size() for p in trained)
+    freed = {id(p) for o in optimizers if frees_gradients(o) for g in o.param_groups for p in g["params"]}
+    if freed:
+        notes.append(
+            "The optimizer frees each gradient as it steps its tensor (FLORA does): no gradient is held after the "
+            "step; the peak still holds them between backward and the step."
+        )
+    grads = sum(local_tensor(p).numel() * p.element_size() for p in trained if id(p) not in freed)
     if update_in_backward:
         largest = max((local_tensor(p).numel() * p.element_size() for p in trained), default=0)
         notes.append(

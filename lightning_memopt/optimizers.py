@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -26,7 +26,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_memopt import optim as _optim
 from lightning_memopt.optim import AdaLomo
+
+FOAM: Any = getattr(_optim, "FOAM", type("FOAM", (), {}))  # TEMP until FOAM lands
 
 __all__ = [
     "BNB_INSTALL",
@@ -36,9 +39,14 @@ __all__ = [
     "bnb_state_count",
     "decoupled_weight_decay",
     "eight_bit_counterpart",
+    "frees_gradients",
+    "galore_projection",
     "import_bitsandbytes",
     "is_adafactor",
     "is_eight_bit",
+    "is_flora",
+    "is_galore",
+    "is_torchao_low_bit",
     "local_tensor",
     "lr_scales_update",
     "optimizer_name",
@@ -124,6 +132,36 @@ def is_adafactor(optimizer: Optimizer) -> bool:
     return cls.__name__ == "Adafactor" and cls.__module__.split(".")[0] in ("torch", "transformers")
 
 
+def _family(optimizer: Optimizer, package: str, *names: str) -> bool:
+    # the compressed-state libraries are matched by module and class name: importing them to compare classes would
+    # cost seconds (galore-torch imports transformers) in runs that do not use them
+    cls = type(optimizer)
+    return cls.__module__.split(".")[0] == package and cls.__name__ in names
+
+
+def is_galore(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is one of ``galore-torch``'s (``GaLoreAdamW``, ``GaLoreAdafactor``, ``GaLoreAdamW8bit``),
+    which project the gradients of the param groups that carry a ``rank`` (see
+    :func:`~lightning_memopt.low_rank_param_groups`)."""
+    return _family(optimizer, "galore_torch", "AdamW", "Adafactor", "AdamW8bit")
+
+
+def is_flora(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is ``flora_opt.Flora`` (FLORA: Adafactor with a random-projection-compressed momentum)."""
+    return _family(optimizer, "flora_opt", "Flora")
+
+
+def is_torchao_low_bit(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is one of torchao's low-bit Adam/AdamW (4-bit, 8-bit or FP8 state)."""
+    return _family(optimizer, "torchao", "Adam4bit", "Adam8bit", "AdamFp8", "AdamW4bit", "AdamW8bit", "AdamWFp8")
+
+
+def frees_gradients(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step()`` sets each stepped parameter's ``.grad`` to ``None`` itself (``flora_opt.Flora``
+    does), so no gradient outlives the step."""
+    return is_flora(optimizer)
+
+
 def decoupled_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool | None:
     """Whether the optimizer applies this group's weight decay as ``X ← X·(1 - lr·wd)`` outside its update (AdamW),
     ``False`` when it adds ``wd·X`` to the gradient (Adam, SGD), ``None`` when it cannot tell.
@@ -145,7 +183,11 @@ def decoupled_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool 
         return bool(group.get("decoupled_weight_decay", False))
     if isinstance(optimizer, _TORCH_COUPLED):
         return False
-    if is_adafactor(optimizer) or type(optimizer).__name__ == "Muon":
+    if is_adafactor(optimizer) or type(optimizer).__name__ == "Muon" or is_galore(optimizer) or is_flora(optimizer):
+        return True
+    if is_torchao_low_bit(optimizer):
+        return type(optimizer).__name__.startswith("AdamW")
+    if isinstance(optimizer, FOAM):
         return True
     return None
 
@@ -165,7 +207,9 @@ def lr_scales_update(optimizer: Optimizer) -> bool:
         return name in _BNB_LR_LINEAR
     if isinstance(optimizer, torch.optim.Adagrad):
         return all(float(g.get("lr_decay", 0.0)) == 0.0 for g in optimizer.param_groups)
-    return isinstance(optimizer, _TORCH_LR_LINEAR)
+    if _family(optimizer, "galore_torch", "AdamW", "AdamW8bit") or is_torchao_low_bit(optimizer):
+        return True
+    return isinstance(optimizer, (*_TORCH_LR_LINEAR, FOAM))
 
 
 # torch optimizers whose rule treats each parameter tensor on its own (LBFGS re-evaluates the loss; SparseAdam needs
@@ -204,7 +248,10 @@ def steps_each_tensor_alone(optimizer: Optimizer) -> bool:
         return True
     if bitsandbytes_kernel(optimizer) is not None:
         return True
-    return cls is AdaLomo
+    # GaLore's projection, FLORA's compression and torchao's quantisation are each per tensor too
+    if is_galore(optimizer) or is_flora(optimizer) or is_torchao_low_bit(optimizer):
+        return True
+    return cls is AdaLomo or cls is FOAM
 
 
 def step_one_tensor(step: Callable[[], Any], optimizer: Optimizer, tensor: Tensor, group_index: int) -> None:
@@ -293,15 +340,117 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def _projection_matrices(
+    shape: Sequence[int], group: Mapping[str, Any]
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    # the moments' shape and, per projection matrix, (its rows, its columns, the SVD factor it is sliced from)
+    m, n = int(shape[0]), int(shape[1])
+    k = min(m, n)
+    r = min(int(group["rank"]), k)
+    kind = group.get("proj_type", "std")
+    if kind == "full":  # U[:, :r] (m x r, from U: m x k) and Vh[:r] (r x n, from Vh: k x n)
+        return (r, r), [(m * r, m * k), (r * n, k * n)]
+    right = {"std": m >= n, "reverse_std": m < n, "right": True, "left": False}[kind]
+    # right: grad @ Pᵀ with P = Vh[:r] (r x n), moments m x r; left: Pᵀ @ grad with P = U[:, :r] (m x r), moments r x n
+    return ((m, r), [(r * n, k * n)]) if right else ((r, n), [(m * r, m * k)])
+
+
+def galore_projection(shape: Sequence[int], group: Mapping[str, Any]) -> tuple[tuple[int, ...], int] | None:
+    """The shape GaLore keeps a matrix's optimizer state at, and the number of elements of its projection matrix (or
+    matrices), for a param group carrying GaLore's keys; ``None`` when the group projects nothing.
+
+    ``galore-torch`` 1.0 takes the projection from a truncated SVD, so rank ``r`` is at most ``min(m, n)``.
+
+    Example::
+
+        >>> galore_projection((64, 16), {"rank": 4, "proj_type": "std"})  # m >= n: moments m x r, projection r x n
+        ((64, 4), 64)
+        >>> galore_projection((16, 64), {"rank": 4, "proj_type": "std"})
+        ((4, 64), 64)
+    """
+    if "rank" not in group or len(shape) != 2:
+        return None
+    low, matrices = _projection_matrices(shape, group)
+    return low, sum(own for own, _ in matrices)
+
+
+def _galore_projection_numel(shape: Sequence[int], group: Mapping[str, Any], fp32: bool) -> int:
+    if "rank" not in group or len(shape) != 2:
+        return 0
+    from lightning_memopt.low_rank import compacts_projections
+
+    _, matrices = _projection_matrices(shape, group)
+    # an FP32 projection is a view of its SVD factor unless the shim compacts it (a half one is a copy already)
+    whole = fp32 and not compacts_projections()
+    return sum(factor if whole else own for own, factor in matrices)
+
+
+def _factored_bytes(shape: Sequence[int], size: int) -> int:
+    # Adafactor's row and column means of the last two dimensions (batched over the leading ones)
+    numel = math.prod(shape)
+    rows, cols = shape[-2], shape[-1]
+    return (numel // cols + numel // rows) * size if numel else 0
+
+
+def _galore_state_bytes(optimizer: Optimizer, param: Tensor, group_index: int, param_index: int) -> int | None:
+    group = optimizer.param_groups[group_index]
+    projection = galore_projection(tuple(param.shape), group)
+    shape = tuple(param.shape) if projection is None else projection[0]
+    numel = math.prod(shape)
+    name = type(optimizer).__name__
+    if name == "Adafactor":
+        # FP32 state (gradients are upcast first), the parameter's RMS as a 0-d tensor
+        moments = _factored_bytes(shape, 4) if len(shape) >= 2 else 4 * numel
+        first = 4 * numel if group.get("beta1") is not None else 0
+        return moments + first + 4 + 4 * _galore_projection_numel(param.shape, group, fp32=True)
+    size = param.element_size()  # the projection and the moments follow the gradient's dtype
+    ortho = size * _galore_projection_numel(param.shape, group, fp32=param.dtype == torch.float32)
+    if name == "AdamW":
+        return 2 * numel * size + ortho
+    # AdamW8bit: bitsandbytes' Adam on the projected tensor (8-bit from min_8bit_size elements on)
+    config = optimizer.get_config(group_index, param_index, group)  # type: ignore[attr-defined]
+    if config["optim_bits"] == 8 and numel >= config["min_8bit_size"]:
+        return 2 * (numel + 4 * math.ceil(numel / _BNB_BLOCKSIZE)) + ortho
+    return 2 * 4 * numel + ortho
+
+
+def _flora_state_bytes(group: Mapping[str, Any], param: Tensor) -> int | None:
+    if group.get("quantization", False):
+        return None  # bitsandbytes quantisation states: not modelled
+    shape = tuple(param.shape)
+    numel = math.prod(shape)
+    # flora-opt 0.0.3 (`Flora._get_options`): FP32 state, the parameter's RMS as a 0-d tensor, the seed a number
+    factored = len(shape) == 2 and group["factorize_second_moment"]
+    beta1, rank = group.get("beta1"), group.get("rank")
+    first_moment = beta1 is not None and beta1 > 0
+    compressed = (
+        first_moment
+        and factored
+        and rank is not None
+        and rank > 0
+        and min(shape) >= rank
+        and max(shape) / min(shape) <= 4
+    )
+    second = _factored_bytes(shape, 4) if factored else 4 * numel
+    if not first_moment:
+        first = 0
+    elif compressed:
+        first = 4 * int(rank or 0) * (shape[-1] if shape[0] < shape[-1] else shape[0])
+    else:
+        first = 4 * numel
+    return second + first + 4
+
+
 def optimizer_state_bytes(
     optimizer: Optimizer, param: Tensor, group_index: int = 0, param_index: int = 0
 ) -> int | None:
     """Bytes of state ``optimizer`` keeps for ``param`` after a step; ``None`` for an optimizer it does not know.
 
     Knows torch's ``Adam``/``AdamW`` (incl. ``amsgrad``), ``SGD``, ``Adafactor``, this package's ``AdaLomo`` and
-    bitsandbytes' one- and two-state optimizers (8-bit or 32-bit, honouring ``min_8bit_size`` and per-parameter
-    overrides). Shared
-    bitsandbytes quantisation maps are not included (see :func:`predict_memory`).
+    ``FOAM``, bitsandbytes' one- and two-state optimizers (8-bit or 32-bit, honouring ``min_8bit_size`` and
+    per-parameter overrides), torchao's low-bit AdamW, GaLore's optimizers (moments at the projected shape plus the
+    projection matrix) and FLORA (without its ``quantization`` option). Shared bitsandbytes quantisation maps are not
+    included (see :func:`predict_memory`).
 
     Example::
 
@@ -312,6 +461,12 @@ def optimizer_state_bytes(
         124
     """
     numel, size = local_tensor(param).numel(), param.element_size()
+    if is_galore(optimizer):
+        return _galore_state_bytes(optimizer, param, group_index, param_index)
+    if is_flora(optimizer):
+        return _flora_state_bytes(optimizer.param_groups[group_index], param)
+    if isinstance(optimizer, FOAM):
+        return _optim.foam_state_bytes(param, optimizer.param_groups[group_index])  # type: ignore[attr-defined]
     bnb_states = bnb_state_count(optimizer)
     if bnb_states is not None:
         group = optimizer.param_groups[group_index]
@@ -390,6 +545,13 @@ def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple
         return (float(state_size) if momentum else 0.0), "SGD" + (" (momentum)" if momentum else "")
     if isinstance(optimizer, torch.optim.Adafactor | AdaLomo):
         return 0.0, type(optimizer).__name__
+    if is_galore(optimizer) or is_flora(optimizer) or is_torchao_low_bit(optimizer) or isinstance(optimizer, FOAM):
+        # shape-dependent (rank, block sizes): the average over the tensors the optimizer trains now
+        trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        predicted = predict_optimizer_state_bytes(optimizer)
+        numel = sum(local_tensor(p).numel() for p in trained)
+        name = f"GaLore{type(optimizer).__name__}" if is_galore(optimizer) else type(optimizer).__name__
+        return (predicted / numel if predicted is not None and numel else 0.0), name
     return 0.0, type(optimizer).__name__
 
 

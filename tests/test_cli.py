@@ -89,3 +89,58 @@ def test_the_optimizer_section_trains_the_parameters_the_module_holds_when_asked
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in cli.model.parameters()]
     assert configured["lr_scheduler"]["scheduler"].optimizer is optimizer
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002)  # the recipe's optimizer settings are kept
+
+
+def _galore_overrides(root: Path, low_rank: str | None, optimizer: str = "galore_torch.GaLoreAdamW") -> list[str]:
+    config = root / "galore.yaml"
+    config.write_text(
+        f"optimizer:\n  class_path: {optimizer}\n  init_args:\n    lr: 0.002\n"
+        + ("    no_deprecation_warning: true\n" if "galore" in optimizer else "")
+        + (f"low_rank:\n{low_rank}" if low_rank is not None else "")
+    )
+    return [*_small_run(root, steps=2), "--config", str(config)]
+
+
+def test_the_low_rank_section_gives_a_galore_optimizer_its_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("galore_torch")
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    cli = MemoptCLI(args=_galore_overrides(tmp_path, "  rank: 8\n  update_proj_gap: 50\n"), run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    plain, projected = optimizer.param_groups
+    assert (projected["rank"], projected["update_proj_gap"], projected["scale"], projected["proj_type"]) == (
+        8,
+        50,
+        0.25,
+        "std",
+    )
+    assert plain["lr"] == projected["lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * 2 / 2)), abs=2e-4)
+    # BAdam's groups hold the active block's masters: its matrices in the projected group, its norms in the other
+    masters = {id(m): n for n, m in cli.trainer.strategy.master_params.items()}
+    projected_names = {masters[id(p)] for p in projected["params"]}
+    assert projected_names and all(".layers." in n and n.endswith("proj.weight") for n in projected_names)
+    assert {masters[id(p)] for p in plain["params"]} == set(masters.values()) - projected_names
+    # the active block's matrices were stepped through their projection (FP32 masters: r x n moments)
+    states = [optimizer.state[p] for p in projected["params"] if p in optimizer.state]
+    assert states and all("projector" in s and 8 in s["exp_avg"].shape for s in states)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "low_rank", "message"),
+    [
+        ("torch.optim.AdamW", "  rank: 8\n", "torch.optim.AdamW would ignore them. Use galore_torch.GaLoreAdamW"),
+        ("galore_torch.GaLoreAdamW", "  rank: 0\n", r"rank=...\) must be a whole number >= 1"),
+    ],
+)
+def test_the_low_rank_section_refuses_what_it_cannot_do(tmp_path, monkeypatch, optimizer, low_rank, message):
+    pytest.importorskip("galore_torch")
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    with pytest.raises(Exception, match=message):
+        MemoptCLI(args=_galore_overrides(tmp_path, low_rank, optimizer), run=False)
+
+
+def test_a_galore_optimizer_without_low_rank_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("galore_torch")
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    with pytest.warns(UserWarning, match="without a low_rank: section, so no matrix gets a projection"):
+        MemoptCLI(args=_galore_overrides(tmp_path, None), run=False)

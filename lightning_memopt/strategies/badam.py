@@ -39,6 +39,7 @@ from lightning_memopt.blocks import (
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import compiled_parts, dynamo_recompile_limit, lightning_trainer, parallel_devices
 from lightning_memopt.engine import BlockEngine, BlockEngineError
+from lightning_memopt.low_rank import install_galore_shims
 from lightning_memopt.optimizers import steps_in_backward
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
@@ -393,6 +394,8 @@ class BlockStrategy(Strategy):
     # ------------------------------------------------------------------------------------------ strategy hooks
     @override
     def setup_environment(self) -> None:
+        # before Lightning restores a checkpoint: GaLore's projector objects must load with weights_only=True
+        install_galore_shims()
         self._badam_check_precision()
         if isinstance(self.precision_plugin, MasterGradScalerPrecision):
             self.precision_plugin.set_device(self.root_device)

@@ -53,6 +53,7 @@ from typing_extensions import override
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import lightning_trainer
+from lightning_memopt.low_rank import install_galore_shims
 from lightning_memopt.optimizers import optimizer_name, step_one_tensor, steps_each_tensor_alone, steps_in_backward
 from lightning_memopt.rounding import stochastic_round
 from lightning_memopt.strategies.badam import _device_from_trainer
@@ -123,6 +124,7 @@ class FusedUpdateStrategy(SingleDeviceStrategy):
     # ------------------------------------------------------------------------------------------------- setup
     @override
     def setup_environment(self) -> None:
+        install_galore_shims()  # before Lightning restores a checkpoint (see BlockStrategy.setup_environment)
         if not self._device_given:
             self._root_device = _device_from_trainer(self, "BAdamDDPStrategy(fused_update=True)")
         super().setup_environment()

@@ -1,0 +1,247 @@
+"""GaLore (``galore-torch``) and FLORA (``flora-opt``) as the optimizer of a plain Lightning run and inside BAdam.
+
+Each method trains a tiny Llama end to end with a real ``Trainer``: under a plain strategy its trajectory equals the
+same optimizer stepped by hand in a plain PyTorch loop, bit for bit; under ``badam`` only the active block moves. The
+optimizer state ``MemoryReport`` accounts equals the prediction to the byte and is smaller than Adam's, and a run
+checkpointed mid-way (a real file, loaded with torch's default ``weights_only=True``) and resumed ends bit-identical to
+the uninterrupted run, GaLore's projector and FLORA's seeds included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from models import LlamaModule, token_loader, trainer_kwargs, weights
+
+from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport, low_rank_param_groups
+from lightning_memopt.low_rank import compacts_projections, install_galore_shims
+from lightning_memopt.optimizers import galore_projection
+
+galore_torch = pytest.importorskip("galore_torch")
+flora_opt = pytest.importorskip("flora_opt")
+install_galore_shims()  # what the strategies, the CLI and low_rank_param_groups do
+
+RANK = 4
+N, BATCH = 8, 4  # two batches per epoch: the checkpoint at step K is an epoch boundary
+STEPS, K, EVERY = 8, 4, 3  # blocks 0 (steps 0-2), 1 (3-5), 0 (6-7); K is in the middle of block 1
+
+Factory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+METHODS: dict[str, Factory] = {
+    # gap 3: the projection is recomputed at step 3 and 6, across the checkpoint
+    "galore_adamw": lambda m: galore_torch.GaLoreAdamW(
+        low_rank_param_groups(m, rank=RANK, update_proj_gap=3), lr=3e-3, weight_decay=0.01, no_deprecation_warning=True
+    ),
+    "galore_adafactor": lambda m: galore_torch.GaLoreAdafactor(
+        low_rank_param_groups(m, rank=RANK, update_proj_gap=3, proj_type="full"),
+        lr=3e-3,
+        beta1=0.9,
+        relative_step=False,
+        scale_parameter=False,
+    ),
+    # beta1 and rank: the momentum is kept compressed; kappa 3: the projection's seed moves on across the checkpoint
+    "flora": lambda m: flora_opt.Flora(m.parameters(), lr=3e-3, rank=RANK, beta1=0.9, kappa=3),
+}
+
+
+class CompressedModule(LlamaModule):
+    def __init__(self, method: str) -> None:
+        super().__init__(num_layers=2, hidden=32, n=N, batch_size=BATCH)
+        self.method = method
+
+    def configure_optimizers(self):
+        return METHODS[self.method](self)
+
+
+class Recorder(Callback):
+    """Mid-run memory (accounted and predicted) and, at the first step, the optimizer state of the active tensors."""
+
+    def __init__(self) -> None:
+        self.memory: list[tuple[Any, Any, int]] = []
+        self.first_state: dict[str, dict[str, Any]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            strategy = trainer.strategy
+            masters = getattr(strategy, "master_params", None) or dict(pl_module.named_parameters())
+            state = trainer.optimizers[0].state
+            self.first_state = {n: dict(state[m]) for n, m in masters.items() if m in state}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in (2, 5):  # mid-block, after the state exists
+            trained = sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"])
+            accounted, predicted = MemoryReport(filename=None, count_other=False).measure(trainer, pl_module)
+            self.memory.append((accounted, predicted, trained))
+
+
+def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: int | None = None):
+    module = CompressedModule(method)
+    recorder = Recorder()
+    callbacks: list[Callback] = [recorder]
+    if badam:
+        callbacks.insert(0, BlockSwitch(every=EVERY))
+    if save_at is not None:
+        callbacks.append(ModelCheckpoint(root, filename="{step}", every_n_train_steps=save_at, save_top_k=-1))
+    trainer = pl.Trainer(
+        strategy=BAdamStrategy() if badam else "auto",
+        precision="bf16-true" if badam else "32-true",
+        max_steps=steps,
+        callbacks=callbacks,
+        **trainer_kwargs(root, enable_checkpointing=save_at is not None),
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    assert trainer.global_step == steps
+    return module, trainer, recorder
+
+
+def _hand_loop(method: str, steps: int) -> dict[str, torch.Tensor]:
+    """The same optimizer stepped by hand: forward, backward, step, zero_grad, over the same batches."""
+    module = CompressedModule(method)
+    optimizer = METHODS[method](module)
+    done = 0
+    while done < steps:
+        for (x,) in token_loader(n=N, batch_size=BATCH):
+            module.model(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            done += 1
+            if done == steps:
+                break
+    return weights(module)
+
+
+_RUNS: dict[tuple[str, bool], Any] = {}
+
+
+def _reference(tmp_path_factory, method: str, badam: bool):
+    key = (method, badam)
+    if key not in _RUNS:
+        _RUNS[key] = _fit(tmp_path_factory.mktemp("reference"), method, badam, STEPS)
+    return _RUNS[key]
+
+
+def _state_tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _state_tensors(state[k])]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _state_tensors(v)]
+    if hasattr(state, "__dict__"):
+        return _state_tensors(vars(state))
+    return []
+
+
+@pytest.mark.parametrize("badam", [False, True], ids=["plain", "badam"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trains_accounts_and_resumes_exactly(tmp_path_factory, tmp_path, method, badam):
+    initial = weights(CompressedModule(method))
+    module, trainer, recorder = _reference(tmp_path_factory, method, badam)
+    final = weights(module)
+    moved = {n for n in final if not torch.equal(final[n], initial[n].to(final[n].dtype))}
+    if badam:
+        # two layers trained in turn; embedding, final norm and head are not in a block (a norm's small steps may
+        # round away in its bf16 weight, its master moved)
+        layers = {n for n in final if n.startswith("model.model.layers.")}
+        assert {n for n in layers if final[n].dim() == 2} <= moved <= layers
+    else:
+        # the plain strategy is the optimizer stepped by hand, bit for bit
+        reference = _hand_loop(method, STEPS)
+        assert all(torch.equal(final[n], reference[n]) for n in final)
+        assert moved == set(final)
+    change = max((final[n].float() - initial[n].to(final[n].dtype).float()).abs().max().item() for n in moved)
+    assert 1e-3 < change < 0.2  # lr 3e-3 over 8 steps: a few steps' worth, not a blow-up
+
+    assert len(recorder.memory) == 2
+    for accounted, predicted, trained in recorder.memory:
+        assert accounted.optimizer_state == predicted.optimizer_state > 0
+        assert accounted.total == predicted.total
+        assert accounted.optimizer_state < 8 * trained  # less than Adam's two FP32 moments
+
+    # interrupted at K (a real checkpoint file, read with weights_only=True as Lightning does), then resumed
+    root = tmp_path / "interrupted"
+    _fit(root, method, badam, K, save_at=K)
+    path = root / f"step={K}.ckpt"
+    saved = torch.load(path, weights_only=True)["optimizer_states"][0]["state"]
+    assert saved, "the checkpoint holds no optimizer state"
+    if method.startswith("galore"):
+        assert any("projector" in s for s in saved.values())
+    resumed, resumed_trainer, _ = _fit(tmp_path / "resumed", method, badam, STEPS, ckpt_path=str(path))
+    after = weights(resumed)
+    differ = [n for n in final if not torch.equal(final[n], after[n])]
+    assert not differ, f"{len(differ)} parameters differ after resume, e.g. {differ[:3]}"
+    a, b = (t.optimizers[0].state_dict()["state"] for t in (trainer, resumed_trainer))
+    assert len(a) == len(b) and all(
+        torch.equal(x, y) for i in a for x, y in zip(_state_tensors(a[i]), _state_tensors(b[i]), strict=True)
+    )
+
+
+def test_flora_masters_get_the_seeds_flora_gave_their_parameters(tmp_path_factory):
+    # flora-opt seeds each parameter's random projection at construction (1, 2, ... in group order); BAdam's masters
+    # are new tensors, and without their seed FLORA's compressed momentum fails (KeyError: 'seed')
+    module, trainer, recorder = _reference(tmp_path_factory, "flora", badam=True)
+    order = [n for n, _ in module.named_parameters()]
+    block = trainer.strategy.blocks[0].param_names
+    assert set(recorder.first_state) == set(block)
+    assert {n: s["seed"] for n, s in recorder.first_state.items()} == {n: order.index(n) + 1 for n in block}
+
+
+# ------------------------------------------------------------------------------------------------ param groups
+def test_low_rank_param_groups_project_the_layers_matrices_only():
+    module = CompressedModule("galore_adamw")
+    groups = low_rank_param_groups(module, rank=8, update_proj_gap=50, scale=0.5)
+    names = {id(p): n for n, p in module.named_parameters()}
+    plain, projected = ({names[id(p)] for p in g["params"]} for g in groups)
+    linears = [f"self_attn.{x}_proj" for x in "qkvo"] + [f"mlp.{x}_proj" for x in ("gate", "up", "down")]
+    layer_linears = {f"model.model.layers.{i}.{m}.weight" for i in range(2) for m in linears}
+    assert projected == layer_linears
+    assert plain == set(names.values()) - layer_linears
+    assert {k: v for k, v in groups[1].items() if k != "params"} == {
+        "rank": 8,
+        "update_proj_gap": 50,
+        "scale": 0.5,
+        "proj_type": "std",
+    }
+    only_mlp = low_rank_param_groups(module, target_modules=[r"mlp\.(up|down)_proj"])
+    assert {names[id(p)] for p in only_mlp[1]["params"]} == {
+        f"model.model.layers.{i}.mlp.{m}_proj.weight" for i in range(2) for m in ("up", "down")
+    }
+    assert compacts_projections()  # building the groups installs the shims
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank=...) must be a whole number >= 1"),
+        ({"update_proj_gap": 0}, "update_proj_gap=...) must be a number of steps >= 1"),
+        ({"scale": -1.0}, "scale=...) must be a number > 0"),
+        ({"proj_type": "sideways"}, "proj_type=...) must be one of 'std'"),
+        ({"target_modules": "mlp"}, "Write target_modules=['mlp']"),
+        ({"target_modules": ["nothing_like_this"]}, "matches no module with a matrix"),
+    ],
+)
+def test_low_rank_param_groups_refuse_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        low_rank_param_groups(CompressedModule("galore_adamw"), **kwargs)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_galore_state_is_at_the_projected_shape(shape, proj_type):
+    weight = torch.nn.Parameter(torch.randn(shape))
+    group = {"params": [weight], "rank": RANK, "update_proj_gap": 10, "scale": 0.25, "proj_type": proj_type}
+    optimizer = galore_torch.GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
+    weight.grad = torch.randn(shape)
+    optimizer.step()
+    state = optimizer.state[weight]
+    low, projection_numel = galore_projection(shape, group)
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == low
+    matrices = state["projector"].ortho_matrix
+    matrices = matrices if isinstance(matrices, list) else [matrices]
+    assert sum(m.numel() for m in matrices) == projection_numel
+    # compacted by the shim: each projection owns storage of its own size, not the SVD factor's
+    assert all(m.untyped_storage().nbytes() == 4 * m.numel() for m in matrices)
