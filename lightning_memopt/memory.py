@@ -411,7 +411,7 @@ def predict_memory(
     is_badam = blocks is not None
     trained_size = trained[0].element_size() if trained else (4 if own_masters else round(weight_size))
     s, optimizer_name = state_bytes_per_param(optimizers[0] if optimizers else None, trained_size)
-    per_trained = (4.0 if own_masters else 0.0) + (0 if update_in_backward else trained_size) + s
+    per_trained = (4.0 if own_masters else 0.0) + (0 if update_in_backward or freed else trained_size) + s
     if is_badam:
         d = max(int(blocks or 1), 1)
         formula = f"{_coefficient(weight_size)}M + {_coefficient(per_trained)}M/D"

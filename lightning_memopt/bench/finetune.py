@@ -71,6 +71,13 @@ FT_METHODS: dict[str, Method] = {
             lr=6.66e-4,
             fused=True,
         ),
+        # compressed optimizer state (docs/compressed-state.md); the lrs are AdamW's / BAdam's, not swept yet
+        Method("galore", "GaLore AdamW, rank H/4 (bf16-true)", "bf16-true", "galore-adamw", lr=3.33e-4),
+        Method("flora", "FLORA, rank H/4 (bf16-true)", "bf16-true", "flora", lr=3.33e-4),
+        Method("foam", "FOAM (bf16-true)", "bf16-true", "foam", lr=3.33e-4),
+        Method("adamw4bit-ao", "AdamW4bit, torchao (bf16-true)", "bf16-true", "adamw4bit-ao", lr=3.33e-4),
+        Method("badam-galore", "BAdam + GaLore AdamW", "bf16-true", "galore-adamw", kind="badam", lr=6.66e-4),
+        Method("badam-foam", "BAdam + FOAM", "bf16-true", "foam", kind="badam", lr=6.66e-4),
         Method(
             "badam-importance", "BAdam, importance order", "bf16-true", kind="badam", lr=6.66e-4, order="importance"
         ),

@@ -268,7 +268,7 @@ class ScheduledLM(CausalLM):
         from lightning_memopt.bench.methods import build_optimizer
 
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.optimizer_name, params, BenchConfig(), lr=self.lr)
+        optimizer = build_optimizer(self.optimizer_name, params, BenchConfig(), lr=self.lr, module=self)
         scheduler = warmup_cosine(optimizer, self.steps, warmup=self.warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

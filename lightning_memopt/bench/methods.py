@@ -30,7 +30,18 @@ __all__ = [
     "select",
 ]
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd", "sgd-plain", "adalomo")
+OPTIMIZERS = (
+    "adamw",
+    "adamw8bit",
+    "adafactor",
+    "sgd",
+    "sgd-plain",
+    "adalomo",
+    "galore-adamw",
+    "flora",
+    "foam",
+    "adamw4bit-ao",
+)
 
 
 Kind = Literal["full", "badam", "lora"]
@@ -200,6 +211,21 @@ METHODS: dict[str, Method] = {
             kind="badam",
             fused=True,
         ),
+        Method("galore", "GaLore AdamW, rank H/4 (bf16-true)", "bf16-true", "galore-adamw"),
+        Method("flora", "FLORA, rank H/4 (bf16-true)", "bf16-true", "flora"),
+        Method("foam", "FOAM (bf16-true)", "bf16-true", "foam"),
+        Method("adamw4bit-ao", "AdamW4bit, torchao (bf16-true)", "bf16-true", "adamw4bit-ao"),
+        Method("badam-galore", "BAdam + GaLore AdamW (bf16-true)", "bf16-true", "galore-adamw", kind="badam"),
+        Method("badam-flora", "BAdam + FLORA (bf16-true)", "bf16-true", "flora", kind="badam"),
+        Method("badam-foam", "BAdam + FOAM (bf16-true)", "bf16-true", "foam", kind="badam"),
+        Method(
+            "badam-4bit",
+            "BAdam + EightBitState(torchao, 4 bits) (bf16-true)",
+            "bf16-true",
+            "adamw",
+            kind="badam",
+            callbacks=(("EightBitState", {"backend": "torchao", "bits": 4}),),
+        ),
         Method(
             "badam-eightbitstate",
             "BAdam + EightBitState (bf16-true)",
@@ -249,10 +275,16 @@ def select(names: Iterable[str]) -> list[Method]:
 
 
 def build_optimizer(
-    name: str, params: Iterable[torch.nn.Parameter], config: BenchConfig, lr: float | None = None
+    name: str,
+    params: Iterable[torch.nn.Parameter],
+    config: BenchConfig,
+    lr: float | None = None,
+    module: torch.nn.Module | None = None,
 ) -> Optimizer:
     """The optimizer of a row, over ``params``, with the run's hyper-parameters (no weight decay anywhere); ``lr``,
-    when given, replaces the config's learning rate for that optimizer.
+    when given, replaces the config's learning rate for that optimizer. GaLore builds its param groups from
+    ``module`` (rank ``hidden / 4``, as the GaLore paper's 60 M model: 128 at width 512; the width is the module's
+    embedding size, else the config's); FLORA compresses its momentum at the same rank.
 
     Example::
 
@@ -280,4 +312,36 @@ def build_optimizer(
 
         # a relative step like Adafactor's: the same lr setting
         return AdaLomo(params, lr=config.adafactor_lr if lr is None else lr)
+    rank = max(1, _hidden_size(module, config) // 4)
+    if name == "galore-adamw":
+        from galore_torch import GaLoreAdamW
+
+        from lightning_memopt.low_rank import low_rank_param_groups
+
+        if module is None:
+            raise ValueError("build_optimizer('galore-adamw', ...) needs module= to choose the projected matrices.")
+        trained = {id(p) for p in params}
+        groups = [
+            {**g, "params": [p for p in g["params"] if id(p) in trained]}
+            for g in low_rank_param_groups(module, rank=rank, update_proj_gap=200, scale=0.25)
+        ]
+        return GaLoreAdamW(groups, lr=config.lr if lr is None else lr, weight_decay=0.0, no_deprecation_warning=True)
+    if name == "flora":
+        from flora_opt import Flora
+
+        # Adafactor's rule with a momentum (compressed at `rank`); an absolute lr like AdamW's
+        return Flora(params, lr=config.lr if lr is None else lr, rank=rank, beta1=0.9, relative_step=False)
+    if name == "foam":
+        from lightning_memopt.optim import FOAM
+
+        return FOAM(params, lr=config.lr if lr is None else lr, weight_decay=0.0)
+    if name == "adamw4bit-ao":
+        from torchao.optim import AdamW4bit
+
+        return AdamW4bit(params, lr=config.lr if lr is None else lr, weight_decay=0.0)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+
+
+def _hidden_size(module: torch.nn.Module | None, config: BenchConfig) -> int:
+    embeddings = [m for m in module.modules() if isinstance(m, torch.nn.Embedding)] if module is not None else []
+    return embeddings[0].embedding_dim if embeddings else config.hidden

@@ -52,7 +52,7 @@ class BenchLM(CausalLM):
 
     @override
     def configure_optimizers(self) -> Optimizer:  # type: ignore[override]
-        return build_optimizer(self.optimizer_name, self.parameters(), self.bench)
+        return build_optimizer(self.optimizer_name, self.parameters(), self.bench, module=self)
 
 
 class StepClock(Callback):
