@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from lightning_memopt.blocks import find_layer_lists, find_lm_head_params, matches_prefix
@@ -196,11 +196,13 @@ def compacts_projections() -> bool:
 
 
 def install_galore_shims() -> bool:
-    """Two small fixes around ``galore-torch`` 1.0, installed once the package is imported; returns whether it is.
+    """Small fixes around ``galore-torch`` 1.0, installed once the package is imported; returns whether it is.
 
     - Checkpoints: ``torch.load(weights_only=True)`` (Lightning's default for local checkpoints) may read GaLore's
       projector objects. ``GaLoreProjector`` holds only tensors, numbers and strings and defines no
       ``__setstate__``: unpickling it sets those attributes and runs no code of its own.
+    - Devices: ``GaLoreAdamW8bit`` steps only on CUDA (it calls ``torch.cuda.synchronize()``); elsewhere its first
+      step raises an error that says so, instead of torch's "Torch not compiled with CUDA enabled".
     - Memory: for FP32 gradients (BAdam's masters, or FP32 training) galore-torch keeps the projection matrix as a
       *view* of the SVD factor: ``k x n`` values for an ``r x n`` projection, ``k = min(m, n)``; for a square 4096
       matrix at rank 128 that is 64 MiB instead of 2 MiB, half of plain Adam's state. After every step of a GaLore
@@ -224,7 +226,21 @@ def install_galore_shims() -> bool:
         torch.serialization.add_safe_globals([projector])
     if _compacting is None:
         _compacting = register_optimizer_step_post_hook(_compact_projections)
+        register_optimizer_step_pre_hook(_refuse_cuda_only_steps)
     return True
+
+
+def _refuse_cuda_only_steps(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    if not (is_galore(optimizer) and type(optimizer).__name__ == "AdamW8bit"):
+        return
+    devices = {p.device.type for g in optimizer.param_groups for p in g["params"]}
+    if devices - {"cuda"}:
+        # galore-torch 1.0's AdamW8bit calls torch.cuda.synchronize() in every step
+        raise RuntimeError(
+            f"galore_torch.GaLoreAdamW8bit runs on CUDA only (it synchronises CUDA in every step), but its parameters "
+            f"are on {', '.join(sorted(devices))}. Use galore_torch.GaLoreAdamW or GaLoreAdafactor here, or train on "
+            "a GPU."
+        )
 
 
 def _compact(matrix: Any) -> Any:

@@ -49,6 +49,7 @@ __all__ = [
     "is_torchao_low_bit",
     "local_tensor",
     "lr_scales_update",
+    "needs_whole_tensors",
     "optimizer_name",
     "optimizer_state_bytes",
     "predict_optimizer_state_bytes",
@@ -154,6 +155,22 @@ def is_flora(optimizer: Optimizer) -> bool:
 def is_torchao_low_bit(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` is one of torchao's low-bit Adam/AdamW (4-bit, 8-bit or FP8 state)."""
     return _family(optimizer, "torchao", "Adam4bit", "Adam8bit", "AdamFp8", "AdamW4bit", "AdamW8bit", "AdamWFp8")
+
+
+def needs_whole_tensors(optimizer: Optimizer) -> str | None:
+    """Why ``optimizer``'s rule needs each matrix whole (so an FSDP2 shard would change what it computes), or
+    ``None`` when it works on shards as on the whole tensor.
+
+    Example::
+
+        >>> needs_whole_tensors(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])) is None
+        True
+    """
+    if is_galore(optimizer):
+        return "projects each matrix's gradient onto its top singular vectors (an SVD of the whole matrix)"
+    if is_flora(optimizer):
+        return "compresses each matrix's momentum with a random projection of the whole matrix"
+    return None
 
 
 def frees_gradients(optimizer: Optimizer) -> bool:

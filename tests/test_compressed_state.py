@@ -78,7 +78,7 @@ class Recorder(Callback):
             self.memory.append((accounted, predicted, trained))
 
 
-def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: int | None = None):
+def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: int | None = None, fused=False):
     module = CompressedModule(method)
     recorder = Recorder()
     callbacks: list[Callback] = [recorder]
@@ -87,7 +87,7 @@ def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: in
     if save_at is not None:
         callbacks.append(ModelCheckpoint(root, filename="{step}", every_n_train_steps=save_at, save_top_k=-1))
     trainer = pl.Trainer(
-        strategy=BAdamStrategy() if badam else "auto",
+        strategy=BAdamStrategy(fused_update=fused) if badam else "auto",
         precision="bf16-true" if badam else "32-true",
         max_steps=steps,
         callbacks=callbacks,
@@ -245,3 +245,36 @@ def test_galore_state_is_at_the_projected_shape(shape, proj_type):
     assert sum(m.numel() for m in matrices) == projection_numel
     # compacted by the shim: each projection owns storage of its own size, not the SVD factor's
     assert all(m.untyped_storage().nbytes() == 4 * m.numel() for m in matrices)
+
+
+def test_galore_adamw8bit_off_cuda_is_refused_clearly():
+    layer = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))})
+    optimizer = galore_torch.GaLoreAdamW8bit(low_rank_param_groups(layer, rank=4), lr=1e-3)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="GaLoreAdamW8bit runs on CUDA only .* Use galore_torch.GaLoreAdamW"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("method", ["galore_adamw", "flora"])
+def test_sharded_badam_refuses_whole_matrix_rules(tmp_path, method):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_memopt import BAdamFSDPStrategy
+
+    trainer = pl.Trainer(strategy=BAdamFSDPStrategy(), precision="bf16-true", max_steps=1, **trainer_kwargs(tmp_path))
+    with pytest.raises(MisconfigurationException, match="shards every master, but .* whole matrix"):
+        trainer.fit(CompressedModule(method))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_badam_with_the_update_in_backward_takes_the_same_steps(tmp_path_factory, tmp_path, method):
+    # each master is stepped alone as its gradient arrives: the same step for these per-tensor rules, and no
+    # gradient is held afterwards
+    module, _, _ = _reference(tmp_path_factory, method, badam=True)
+    fused, _, recorder = _fit(tmp_path, method, badam=True, steps=STEPS, fused=True)
+    expected, actual = weights(module), weights(fused)
+    assert all(torch.equal(expected[n], actual[n]) for n in expected)
+    for accounted, predicted, _ in recorder.memory:
+        assert accounted.grads == predicted.grads == 0
+        assert accounted.optimizer_state == predicted.optimizer_state

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -16,6 +17,7 @@ from torch.optim import Optimizer
 from typing_extensions import Unpack, override
 
 from lightning_memopt.engine import ShardedBlockEngine
+from lightning_memopt.optimizers import needs_whole_tensors, optimizer_name
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.strategies.badam_ddp import DistributedBlockStrategy, DistributedOptions
 
@@ -80,6 +82,18 @@ class BAdamFSDPStrategy(DistributedBlockStrategy):
                 "BAdamFSDPStrategy does not support precision='16-true': the loss scaler's inf/NaN check would see "
                 "only each rank's shard. Use precision='bf16-true' (no loss scaling needed)."
             )
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            reason = needs_whole_tensors(optimizer)
+            if reason is not None:
+                raise MisconfigurationException(
+                    f"BAdamFSDPStrategy shards every master, but {optimizer_name(optimizer)} {reason}, so on a shard "
+                    "it would compute something else. Use badam or badam_ddp with it, or an element-wise optimizer "
+                    "(AdamW, AdamW8bit, torchao's AdamW4bit, FOAM) with badam_fsdp."
+                )
 
     @override
     def configure_ddp(self) -> None:
