@@ -252,7 +252,7 @@ def test_galore_adamw8bit_off_cuda_is_refused_clearly():
     optimizer = galore_torch.GaLoreAdamW8bit(low_rank_param_groups(layer, rank=4), lr=1e-3)
     for p in layer.parameters():
         p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="GaLoreAdamW8bit runs on CUDA only .* Use galore_torch.GaLoreAdamW"):
+    with pytest.raises(RuntimeError, match=r"GaLoreAdamW8bit runs on CUDA only .* Use galore_torch.GaLoreAdamW"):
         optimizer.step()
 
 
@@ -263,7 +263,7 @@ def test_sharded_badam_refuses_whole_matrix_rules(tmp_path, method):
     from lightning_memopt import BAdamFSDPStrategy
 
     trainer = pl.Trainer(strategy=BAdamFSDPStrategy(), precision="bf16-true", max_steps=1, **trainer_kwargs(tmp_path))
-    with pytest.raises(MisconfigurationException, match="shards every master, but .* whole matrix"):
+    with pytest.raises(MisconfigurationException, match=r"shards every master, but .* whole matrix"):
         trainer.fit(CompressedModule(method))
 
 
