@@ -143,7 +143,7 @@ class Record(Callback):
         self.masters = {n: _full(m.detach()).clone() for n, m in trainer.strategy.master_params.items()}
         opt = trainer.optimizers[0]
         self.state = {
-            i: {k: _full(v).clone() for k, v in opt.state[p].items()}
+            i: {k: _full(v).clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
             for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
             if p in opt.state
         }
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "galore", "flora"])
     parser.add_argument("--overflow-rank", type=int, default=-1)
     parser.add_argument("--overflow-step", type=int, default=-1)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)

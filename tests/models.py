@@ -72,6 +72,17 @@ class LlamaModule(L.LightningModule):
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer_name == "galore":  # rank 4, a new projection every 2 steps
+            from galore_torch import GaLoreAdamW
+
+            from lightning_memopt import low_rank_param_groups
+
+            groups = low_rank_param_groups(self, rank=4, update_proj_gap=2)
+            return GaLoreAdamW(groups, lr=self.lr, weight_decay=self.weight_decay, no_deprecation_warning=True)
+        if self.optimizer_name == "flora":  # compressed momentum at rank 4, a new projection every 2 steps
+            from flora_opt import Flora
+
+            return Flora(self.parameters(), lr=self.lr, rank=4, beta1=0.9, kappa=2)
         raise ValueError(self.optimizer_name)
 
 
