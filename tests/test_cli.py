@@ -144,3 +144,17 @@ def test_a_galore_optimizer_without_low_rank_warns(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr("sys.argv", ["lightning-memopt"])
     with pytest.warns(UserWarning, match="without a low_rank: section, so no matrix gets a projection"):
         MemoptCLI(args=_galore_overrides(tmp_path, None), run=False)
+
+
+def test_flora_from_the_optimizer_section_trains_under_badam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("flora_opt")
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    config = tmp_path / "flora.yaml"
+    config.write_text("optimizer:\n  class_path: flora_opt.Flora\n  init_args: {lr: 0.002, rank: 8, beta1: 0.9}\n")
+    cli = MemoptCLI(args=[*_small_run(tmp_path, steps=2), "--config", str(config)], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "Flora" and optimizer.param_groups[0]["rank"] == 8
+    # the active block's matrices keep the momentum compressed to rank 8 (one side of 8), seeded
+    states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if p.dim() == 2]
+    assert states and all(8 in s["exp_avg"].shape and isinstance(s["seed"], int) for s in states)
