@@ -269,7 +269,7 @@ def _model_state(
     model = meta_model(config, _weight_dtype(method.precision))
     if setting.sharded and setting.devices > 1:
         _shard_rows(model, setting.devices)
-    optimizer = build_optimizer(method.optimizer, model.parameters(), BenchConfig(), lr=method.lr)
+    optimizer = build_optimizer(method.optimizer, model.parameters(), BenchConfig(), lr=method.lr, module=model)
     if not method.badam:
         prediction = predict_memory(model, [optimizer], precision=method.precision, update_in_backward=method.fused)
         return [(None, None, prediction)]
