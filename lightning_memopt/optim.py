@@ -1,4 +1,5 @@
-"""Optimizers written here from their papers, with the math in plain functions.
+"""Optimizers written here from their papers, with the math in plain functions: :class:`AdaLomo` and :class:`FOAM`
+(its rule is in its class docstring).
 
 :class:`AdaLomo` (Lv et al., "AdaLomo: Low-memory Optimization with Adaptive Learning Rate", 2023) is LOMO's
 update-in-backward with an adaptive step: Adafactor's factored second moment, no momentum, update clipping and a
@@ -13,7 +14,7 @@ For a gradient ``G`` (m x n) at step ``t`` (counted from 1), with ``β̂₂ₜ =
 2. ``V̂ = R Cᵀ / mean(R)`` (the rank-1 non-negative factorisation of the second moment: equal to ``R_s C_sᵀ / 1ᵀR_s``
    for the row and column *sums* of the paper);
 3. ``U = G / √V̂``, clipped: ``Û = U / max(1, RMS(U) / d)``;
-4. ``αₜ = lr · max(ε₂, RMS(θ))``; ``θ ← θ (1 - αₜ·weight_decay) - αₜ Û``.
+4. ``aₜ = lr · max(ε₂, RMS(θ))``; ``θ ← θ (1 - aₜ·weight_decay) - aₜ Û``.
 
 Tensors of more than two dimensions factor over their last two (as Adafactor does). Half-precision parameters are
 updated through an FP32 copy and rounded once; the state is FP32 (FP64 for FP64 parameters).
@@ -31,7 +32,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -41,7 +43,17 @@ from typing_extensions import override
 
 from lightning_memopt.adafactor_rules import EPS1, EPS2, beta2_at
 
-__all__ = ["AdaLomo", "adalomo_step", "factored_second_moment", "update_moments"]
+__all__ = [
+    "FOAM",
+    "AdaLomo",
+    "adalomo_step",
+    "factored_second_moment",
+    "foam_state_bytes",
+    "foam_step",
+    "fold",
+    "unfold",
+    "update_moments",
+]
 
 
 def update_moments(state: dict[str, Tensor], grad: Tensor, beta2: float, eps1: float = EPS1) -> None:
@@ -218,3 +230,240 @@ class AdaLomo(Optimizer):
 def _wide(dtype: torch.dtype) -> torch.dtype:
     # the precision AdaLomo computes and keeps state in: FP32, or FP64 for FP64 parameters
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------- FOAM
+def fold(tensor: Tensor, block: int) -> Tensor:
+    """Block means along the last dimension: ``(..., n) -> (..., ceil(n / block))``; a last, partial block is the
+    mean of the elements it has.
+
+    Example::
+
+        >>> fold(torch.tensor([[1.0, 3.0, 5.0, 7.0, 9.0]]), 2)
+        tensor([[2., 6., 9.]])
+    """
+    n = tensor.shape[-1]
+    blocks = -(-n // block)
+    padded = torch.nn.functional.pad(tensor, (0, blocks * block - n))
+    sums = padded.reshape(*tensor.shape[:-1], blocks, block).sum(dim=-1)
+    counts = torch.full((blocks,), float(block), dtype=tensor.dtype, device=tensor.device)
+    counts[-1] = n - (blocks - 1) * block
+    return sums / counts
+
+
+def unfold(folded: Tensor, block: int, size: int) -> Tensor:
+    """Each block's value repeated over its elements: the inverse shape of :func:`fold` (``size`` elements).
+
+    Example::
+
+        >>> unfold(torch.tensor([[2.0, 6.0, 9.0]]), 2, 5)
+        tensor([[2., 2., 6., 6., 9.]])
+    """
+    return folded.repeat_interleave(block, dim=-1)[..., :size]
+
+
+def foam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    block: int | None,
+    scale: float,
+    residual_scale: float,
+) -> None:
+    """One FOAM step of ``param`` in place (``block=None``: Adam's step, unfolded moments); the moments are updated
+    in place. All tensors in one dtype.
+
+    Example::
+
+        >>> p, g = torch.zeros(1, 4), torch.tensor([[1.0, 3.0, -2.0, 2.0]])
+        >>> m, v = torch.zeros(1, 2), torch.zeros(1, 2)
+        >>> foam_step(p, g, m, v, 1, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, block=2, scale=1.0,
+        ...           residual_scale=1.0)
+        >>> m  # (1 - beta1) x block means of g: 2 and 0
+        tensor([[0.2000, 0.0000]])
+    """
+    beta1, beta2 = betas
+    if block is None:
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    else:
+        size = grad.shape[-1]
+        # the moments of the block means of g and of g²; the residual restores each element's own deviation
+        residual = grad - unfold(fold(grad, block), block, size)
+        exp_avg.mul_(beta1).add_(fold(grad, block), alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).add_(fold(grad * grad, block), alpha=1.0 - beta2)
+        m = unfold(exp_avg, block, size).add_(residual, alpha=residual_scale)
+        v = unfold(exp_avg_sq, block, size).add_(residual * residual, alpha=residual_scale**2)
+        update = m.div_(v.sqrt_().add_(eps)).mul_(scale)
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    param.add_(update, alpha=-step_size)
+    if weight_decay:
+        param.mul_(1.0 - lr * weight_decay)
+
+
+def foam_block(param: Tensor, group: Mapping[str, Any]) -> int | None:
+    """The block size FOAM folds ``param``'s moments with in ``group`` (``2 ** fold_level``), ``None`` for a tensor
+    it keeps Adam's full moments for (fewer than two dimensions, or ``fold_level=None``)."""
+    level = group.get("fold_level")
+    return None if level is None or param.dim() < 2 else 2 ** int(level)
+
+
+def foam_state_bytes(param: Tensor, group: Mapping[str, Any]) -> int:
+    """Bytes of state :class:`FOAM` keeps for ``param`` after a step: two FP32 moments (FP64 for FP64 parameters) of
+    ``ceil(n / 2^l)`` values per row of ``n`` (all of them for an unfolded tensor) and the FP32 step.
+
+    Example::
+
+        >>> w = torch.zeros(64, 1024)
+        >>> foam_state_bytes(w, {"fold_level": 8}), 8 * w.numel() + 4  # 4 values per row instead of 1024
+        (2052, 524292)
+    """
+    block = foam_block(param, group)
+    numel = param.numel()
+    if block is not None and numel:
+        numel = numel // param.shape[-1] * -(-param.shape[-1] // block)
+    return 2 * numel * torch.empty((), dtype=_wide(param.dtype)).element_size() + 4
+
+
+class FOAM(Optimizer):
+    """FOAM (Wen et al., "FOAM: Blocked State Folding for Memory-Efficient LLM Training", ICML 2026,
+    arXiv 2512.07112): Adam whose moments are kept for block means of the gradient, with the residual restoring each
+    element's own deviation.
+
+    For a matrix's gradient ``g`` folded along its last dimension in blocks of ``b = 2^fold_level`` (``fold``: block
+    means; ``unfold``: each mean repeated over its block), at step ``t``:
+
+    1. ``m̃ ← β₁ m̃ + (1 - β₁) fold(g)``, ``ṽ ← β₂ ṽ + (1 - β₂) fold(g²)`` (stored: ``b`` times smaller than ``g``);
+    2. ``r = g - unfold(fold(g))``; ``m = unfold(m̃) + s·r``, ``v = unfold(ṽ) + s²·r²`` (``s``: ``residual_scale``);
+    3. ``θ ← θ - lr · √(1 - β₂ᵗ) / (1 - β₁ᵗ) · a · m / (√v + ε)`` (``a``: ``scale``);
+    4. ``θ ← θ · (1 - lr · weight_decay)`` (decoupled, after the step, as the authors' code does).
+
+    Tensors of fewer than two dimensions (norms, biases) and groups with ``fold_level=None`` get Adam's step with full
+    moments (``a = 1``); the paper folds the matrices of the transformer layers and leaves the embedding and the head
+    to Adam: give those a group with ``fold_level=None``. A row whose length is not a multiple of ``b`` ends in a
+    partial block, folded to the mean of the elements it has (the authors' code pads it with zeros instead). State is
+    FP32 (FP64 for FP64 parameters), also for half parameters, which are updated through an FP32 copy and rounded
+    once. Each tensor's step depends on that tensor alone, so the update in backward applies.
+
+    Args:
+        params: parameters or param groups (``fold_level``, ``scale`` and ``residual_scale`` can be set per group).
+        lr: learning rate.
+        betas: ``(β₁, β₂)``.
+        eps: ``ε``, added to ``√v``.
+        weight_decay: decoupled weight decay.
+        fold_level: ``l``; moments are kept per block of ``2^l`` elements of each row (the paper's GLUE runs: 8);
+            ``None`` folds nothing (Adam).
+        scale: ``a``, the step's factor for folded tensors (the paper's GLUE runs: 0.25).
+        residual_scale: ``s``, the residual's weight in both moments (1 in the paper).
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.ones(2, 4))
+        >>> optimizer = FOAM([w], lr=0.1, fold_level=1, scale=1.0)
+        >>> w.grad = torch.ones(2, 4)
+        >>> optimizer.step()
+        >>> round(float(w[0, 0]), 4), tuple(optimizer.state[w]["exp_avg"].shape)  # Adam's first step: -lr
+        (0.9, (2, 2))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        fold_level: int | None = 8,
+        scale: float = 0.25,
+        residual_scale: float = 1.0,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"FOAM's lr must be >= 0 but is: {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"FOAM's betas must be two numbers in [0, 1) but are: {betas!r}")
+        if not eps >= 0:
+            raise ValueError(f"FOAM's eps must be >= 0 but is: {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"FOAM's weight_decay must be >= 0 but is: {weight_decay}")
+        if fold_level is not None and (
+            isinstance(fold_level, bool) or not isinstance(fold_level, int) or fold_level < 0
+        ):
+            raise ValueError(
+                f"FOAM's fold_level must be a whole number >= 0 (blocks of 2**fold_level elements) or None (no "
+                f"folding) but is: {fold_level!r}"
+            )
+        if not scale > 0:
+            raise ValueError(f"FOAM's scale must be > 0 but is: {scale}")
+        if not residual_scale >= 0:
+            raise ValueError(f"FOAM's residual_scale must be >= 0 but is: {residual_scale}")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "fold_level": fold_level,
+            "scale": scale,
+            "residual_scale": residual_scale,
+        }
+        super().__init__(params, defaults)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded state to each parameter's dtype: FOAM's moments stay FP32 for half parameters
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in saved.items():
+            state = self.state[params[index]]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if isinstance(values.get(key), Tensor):
+                    state[key] = values[key].to(device=params[index].device, dtype=_wide(params[index].dtype))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("FOAM does not support sparse gradients.")
+                dtype = _wide(param.dtype)
+                block = foam_block(param, group)
+                state = self.state[param]
+                if not state:
+                    shape = param.shape
+                    if block is not None:
+                        shape = (*param.shape[:-1], -(-param.shape[-1] // block))
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
+                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+                state["step"] += 1
+                wide = param if param.dtype == dtype else param.to(dtype)
+                foam_step(
+                    wide,
+                    param.grad.to(dtype),
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    int(state["step"].item()),
+                    float(group["lr"]),
+                    group["betas"],
+                    group["eps"],
+                    group["weight_decay"],
+                    block,
+                    group["scale"] if block is not None else 1.0,
+                    group["residual_scale"],
+                )
+                if wide is not param:
+                    param.copy_(wide)
+        return loss

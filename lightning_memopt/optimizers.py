@@ -26,10 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_memopt import optim as _optim
-from lightning_memopt.optim import AdaLomo
-
-FOAM: Any = getattr(_optim, "FOAM", type("FOAM", (), {}))  # TEMP until FOAM lands
+from lightning_memopt.optim import FOAM, AdaLomo, foam_state_bytes
 
 __all__ = [
     "BNB_INSTALL",
@@ -483,7 +480,7 @@ def optimizer_state_bytes(
     if is_flora(optimizer):
         return _flora_state_bytes(optimizer.param_groups[group_index], param)
     if isinstance(optimizer, FOAM):
-        return _optim.foam_state_bytes(param, optimizer.param_groups[group_index])  # type: ignore[attr-defined]
+        return foam_state_bytes(param, optimizer.param_groups[group_index])
     bnb_states = bnb_state_count(optimizer)
     if bnb_states is not None:
         group = optimizer.param_groups[group_index]

@@ -1,4 +1,5 @@
-"""GaLore (``galore-torch``) and FLORA (``flora-opt``) as the optimizer of a plain Lightning run and inside BAdam.
+"""GaLore (``galore-torch``), FLORA (``flora-opt``) and FOAM (``lightning_memopt.optim``) as the optimizer of a
+plain Lightning run and inside BAdam.
 
 Each method trains a tiny Llama end to end with a real ``Trainer``: under a plain strategy its trajectory equals the
 same optimizer stepped by hand in a plain PyTorch loop, bit for bit; under ``badam`` only the active block moves. The
@@ -20,6 +21,7 @@ from models import LlamaModule, token_loader, trainer_kwargs, weights
 
 from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport, low_rank_param_groups
 from lightning_memopt.low_rank import compacts_projections, install_galore_shims
+from lightning_memopt.optim import FOAM
 from lightning_memopt.optimizers import galore_projection
 
 galore_torch = pytest.importorskip("galore_torch")
@@ -43,6 +45,8 @@ METHODS: dict[str, Factory] = {
         relative_step=False,
         scale_parameter=False,
     ),
+    # moments per block of 8 along each row (a quarter of hidden 32); the 1-D norms keep Adam's full moments
+    "foam": lambda m: FOAM(m.parameters(), lr=3e-3, fold_level=3, scale=0.5, weight_decay=0.01),
     # beta1 and rank: the momentum is kept compressed; kappa 3: the projection's seed moves on across the checkpoint
     "flora": lambda m: flora_opt.Flora(m.parameters(), lr=3e-3, rank=RANK, beta1=0.9, kappa=3),
 }
