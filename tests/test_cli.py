@@ -158,3 +158,18 @@ def test_flora_from_the_optimizer_section_trains_under_badam(tmp_path: Path, mon
     # the active block's matrices keep the momentum compressed to rank 8 (one side of 8), seeded
     states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if p.dim() == 2]
     assert states and all(8 in s["exp_avg"].shape and isinstance(s["seed"], int) for s in states)
+
+
+def test_foam_from_the_optimizer_section_trains_under_badam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    config = tmp_path / "foam.yaml"
+    config.write_text(
+        "optimizer:\n  class_path: lightning_memopt.optim.FOAM\n  init_args: {lr: 0.002, fold_level: 5}\n"
+    )
+    cli = MemoptCLI(args=[*_small_run(tmp_path, steps=2), "--config", str(config)], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "FOAM" and optimizer.param_groups[0]["fold_level"] == 5
+    # the active block's matrices keep moments per block of 32 along each row
+    matrices = [p for g in optimizer.param_groups for p in g["params"] if p.dim() == 2]
+    assert matrices and all(optimizer.state[p]["exp_avg"].shape == (p.shape[0], -(-p.shape[1] // 32)) for p in matrices)
