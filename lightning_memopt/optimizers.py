@@ -455,6 +455,24 @@ def _flora_state_bytes(group: Mapping[str, Any], param: Tensor) -> int | None:
     return second + first + 4
 
 
+def _torchao_state_bytes(optimizer: Optimizer, param: Tensor, group: Mapping[str, Any]) -> int:
+    # torchao 0.18 (`_AdamBase._new_buffer`): tensors of >= 4096 values divisible by the block size are quantised:
+    # codes (4-bit: two per byte), one FP32 scale per block and, for 4/8 bits, each state's own FP32 quantisation map
+    numel = local_tensor(param).numel()
+    block = int(getattr(optimizer, "block_size", 128))
+    states = 3 if group.get("amsgrad", False) else 2
+    if numel < 4096 or numel % block:
+        return states * numel * param.element_size() + 4
+    name = type(optimizer).__name__
+    if name.endswith("4bit"):
+        each = numel // 2 + 4 * (numel // block) + 4 * 16
+    elif name.endswith("8bit"):
+        each = numel + 4 * (numel // block) + 4 * 256
+    else:  # FP8 codes, no map
+        each = numel + 4 * (numel // block)
+    return states * each + 4
+
+
 def optimizer_state_bytes(
     optimizer: Optimizer, param: Tensor, group_index: int = 0, param_index: int = 0
 ) -> int | None:
@@ -481,6 +499,8 @@ def optimizer_state_bytes(
         return _flora_state_bytes(optimizer.param_groups[group_index], param)
     if isinstance(optimizer, FOAM):
         return foam_state_bytes(param, optimizer.param_groups[group_index])
+    if is_torchao_low_bit(optimizer):
+        return _torchao_state_bytes(optimizer, param, optimizer.param_groups[group_index])
     bnb_states = bnb_state_count(optimizer)
     if bnb_states is not None:
         group = optimizer.param_groups[group_index]
