@@ -82,7 +82,7 @@ class Recorder(Callback):
             self.memory.append((accounted, predicted, trained))
 
 
-def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: int | None = None, fused=False):
+def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: int | None = None, **options):
     module = CompressedModule(method)
     recorder = Recorder()
     callbacks: list[Callback] = [recorder]
@@ -91,7 +91,7 @@ def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: in
     if save_at is not None:
         callbacks.append(ModelCheckpoint(root, filename="{step}", every_n_train_steps=save_at, save_top_k=-1))
     trainer = pl.Trainer(
-        strategy=BAdamStrategy(fused_update=fused) if badam else "auto",
+        strategy=BAdamStrategy(**options) if badam else "auto",
         precision="bf16-true" if badam else "32-true",
         max_steps=steps,
         callbacks=callbacks,
@@ -276,7 +276,7 @@ def test_badam_with_the_update_in_backward_takes_the_same_steps(tmp_path_factory
     # each master is stepped alone as its gradient arrives: the same step for these per-tensor rules, and no
     # gradient is held afterwards
     module, _, _ = _reference(tmp_path_factory, method, badam=True)
-    fused, _, recorder = _fit(tmp_path, method, badam=True, steps=STEPS, fused=True)
+    fused, _, recorder = _fit(tmp_path, method, badam=True, steps=STEPS, fused_update=True)
     expected, actual = weights(module), weights(fused)
     assert all(torch.equal(expected[n], actual[n]) for n in expected)
     for accounted, predicted, _ in recorder.memory:
@@ -300,3 +300,19 @@ def test_badam_ddp_ranks_stay_identical(tmp_path, optimizer):
     assert r0["state"] and all(r0["state"][i].keys() == r1["state"][i].keys() for i in r0["state"])
     for i in r0["state"]:
         assert_same(r0["state"][i], r1["state"][i])
+
+
+def test_galore_projector_is_stashed_with_the_state_and_resumes(tmp_path):
+    # keep_optimizer_state: block 0's moments and projector are stashed at the switch (step 3), written into the
+    # checkpoint at step 4, and back in use at step 6
+    reference, _, _ = _fit(tmp_path / "reference", "galore_adamw", True, STEPS, keep_optimizer_state=True)
+    _fit(tmp_path / "interrupted", "galore_adamw", True, K, save_at=K, keep_optimizer_state=True)
+    path = tmp_path / "interrupted" / f"step={K}.ckpt"
+    stash = torch.load(path, weights_only=True)["optimizer_states"][0]["badam"]["stash"]
+    projected = [s for s in stash.values() if "projector" in s]
+    assert projected and all(s["exp_avg"].shape[-1] == RANK or s["exp_avg"].shape[0] == RANK for s in projected)
+    resumed, _, _ = _fit(
+        tmp_path / "resumed", "galore_adamw", True, STEPS, ckpt_path=str(path), keep_optimizer_state=True
+    )
+    expected, actual = weights(reference), weights(resumed)
+    assert all(torch.equal(expected[n], actual[n]) for n in expected)
