@@ -39,6 +39,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     object-store uploads are already all-or-nothing. The BAdam strategies use this class unless given another
     ``checkpoint_io``.
 
+    It also reads checkpoints whose optimizer state holds tensor subclasses (torchao's 4-bit and 8-bit AdamW), which
+    Lightning's own loader refuses: with a plain strategy pass ``plugins=[AtomicCheckpointIO()]`` to resume them.
+
     Example::
 
         >>> from lightning.pytorch import Trainer
@@ -67,6 +70,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         _fsync_directory(target.parent)
         _remove_stale_partials(target.parent, prefix)
+
+    @override
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Lightning's default map_location is the callable `lambda storage, loc: storage` (tensors stay on the CPU,
+        # where torch reads them), which torch.load refuses for tensor subclasses such as torchao's 4-bit/8-bit
+        # optimizer state ("Callable map_location not supported with _rebuild_wrapper_subclass"): "cpu" is the same
+        return super().load_checkpoint(path, map_location="cpu" if map_location is None else map_location,
+                                       weights_only=weights_only)  # fmt: skip
 
 
 def _is_local(path: _PATH) -> bool:

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from models import LlamaModule, token_loader, trainer_kwargs, weights
 
-from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport, low_rank_param_groups
+from lightning_memopt import AtomicCheckpointIO, BAdamStrategy, BlockSwitch, MemoryReport, low_rank_param_groups
 from lightning_memopt.low_rank import compacts_projections, install_galore_shims
 from lightning_memopt.optim import FOAM
 from lightning_memopt.optimizers import galore_projection
@@ -51,10 +51,16 @@ METHODS: dict[str, Factory] = {
     "flora": lambda m: flora_opt.Flora(m.parameters(), lr=3e-3, rank=RANK, beta1=0.9, kappa=3),
 }
 
+torchao_optim = pytest.importorskip("torchao.optim")
+# torchao quantises tensors of >= 4096 values: width 64 gives 64 x 64 and 64 x 128 matrices (compiled once per shape,
+# ~10 s each on first use, which is why torchao has one entry here)
+METHODS["torchao_adamw4bit"] = lambda m: torchao_optim.AdamW4bit(m.parameters(), lr=3e-3, weight_decay=0.01)
+WIDE = {"torchao_adamw4bit"}
+
 
 class CompressedModule(LlamaModule):
-    def __init__(self, method: str) -> None:
-        super().__init__(num_layers=2, hidden=32, n=N, batch_size=BATCH)
+    def __init__(self, method: str, hidden: int = 32) -> None:
+        super().__init__(num_layers=2, hidden=hidden, n=N, batch_size=BATCH)
         self.method = method
 
     def configure_optimizers(self):
@@ -83,7 +89,7 @@ class Recorder(Callback):
 
 
 def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: int | None = None, **options):
-    module = CompressedModule(method)
+    module = CompressedModule(method, hidden=64 if method in WIDE else 32)
     recorder = Recorder()
     callbacks: list[Callback] = [recorder]
     if badam:
@@ -92,6 +98,8 @@ def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: in
         callbacks.append(ModelCheckpoint(root, filename="{step}", every_n_train_steps=save_at, save_top_k=-1))
     trainer = pl.Trainer(
         strategy=BAdamStrategy(**options) if badam else "auto",
+        # the BAdam strategies use it anyway; a plain strategy needs it to resume torchao's tensor-subclass state
+        plugins=None if badam else [AtomicCheckpointIO()],
         precision="bf16-true" if badam else "32-true",
         max_steps=steps,
         callbacks=callbacks,
@@ -104,7 +112,7 @@ def _fit(root, method: str, badam: bool, steps: int, ckpt_path=None, save_at: in
 
 def _hand_loop(method: str, steps: int) -> dict[str, torch.Tensor]:
     """The same optimizer stepped by hand: forward, backward, step, zero_grad, over the same batches."""
-    module = CompressedModule(method)
+    module = CompressedModule(method, hidden=64 if method in WIDE else 32)
     optimizer = METHODS[method](module)
     done = 0
     while done < steps:
@@ -129,6 +137,8 @@ def _reference(tmp_path_factory, method: str, badam: bool):
 
 
 def _state_tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor) and type(state) is not torch.Tensor:  # torchao's quantised state
+        return [t for name in state.__tensor_flatten__()[0] for t in _state_tensors(getattr(state, name))]
     if isinstance(state, torch.Tensor):
         return [state]
     if isinstance(state, dict):
@@ -143,7 +153,7 @@ def _state_tensors(state: Any) -> list[torch.Tensor]:
 @pytest.mark.parametrize("badam", [False, True], ids=["plain", "badam"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_trains_accounts_and_resumes_exactly(tmp_path_factory, tmp_path, method, badam):
-    initial = weights(CompressedModule(method))
+    initial = weights(CompressedModule(method, hidden=64 if method in WIDE else 32))
     module, trainer, recorder = _reference(tmp_path_factory, method, badam)
     final = weights(module)
     moved = {n for n in final if not torch.equal(final[n], initial[n].to(final[n].dtype))}

@@ -329,8 +329,10 @@ def build_optimizer(
     if name == "flora":
         from flora_opt import Flora
 
-        # Adafactor's rule with a momentum (compressed at `rank`); an absolute lr like AdamW's
-        return Flora(params, lr=config.lr if lr is None else lr, rank=rank, beta1=0.9, relative_step=False)
+        # Adafactor's rule with a momentum (compressed at `rank`); an absolute lr like AdamW's (not scaled by each
+        # tensor's RMS, which would make it ~50x smaller at this initialisation)
+        lr = config.lr if lr is None else lr
+        return Flora(params, lr=lr, rank=rank, beta1=0.9, relative_step=False, scale_parameter=False)
     if name == "foam":
         from lightning_memopt.optim import FOAM
 
