@@ -104,6 +104,9 @@ class StorageLedger:
     def key(self, tensor: Tensor) -> tuple[str, int] | None:
         """``(device, data_ptr)`` of the tensor's storage, or ``None`` for a tensor without memory (meta, empty)."""
         tensor = local_tensor(tensor)
+        if type(tensor) is not Tensor and callable(getattr(tensor, "__tensor_flatten__", None)):
+            # a wrapper subclass (torchao's quantised optimizer state) owns no storage; its inner tensors do
+            return None
         if tensor.device.type == "meta" or is_fake(tensor):
             # a FakeTensor (left by tracing, e.g. Lightning's FLOPs count in the model summary, until the garbage
             # collector frees it) owns no memory; its data pointer is 0, or access to it raises

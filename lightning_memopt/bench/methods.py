@@ -284,7 +284,8 @@ def build_optimizer(
     """The optimizer of a row, over ``params``, with the run's hyper-parameters (no weight decay anywhere); ``lr``,
     when given, replaces the config's learning rate for that optimizer. GaLore builds its param groups from
     ``module`` (rank ``hidden / 4``, as the GaLore paper's 60 M model: 128 at width 512; the width is the module's
-    embedding size, else the config's); FLORA compresses its momentum at the same rank.
+    embedding size, else the config's); FLORA compresses its momentum at the same rank. GaLore's and FOAM's ``scale``
+    is 1 (steps the size of AdamW's at the same lr; the papers' 0.25 goes with larger lrs); FOAM folds blocks of 16.
 
     Example::
 
@@ -323,7 +324,7 @@ def build_optimizer(
         trained = {id(p) for p in params}
         groups = [
             {**g, "params": [p for p in g["params"] if id(p) in trained]}
-            for g in low_rank_param_groups(module, rank=rank, update_proj_gap=200, scale=0.25)
+            for g in low_rank_param_groups(module, rank=rank, update_proj_gap=200, scale=1.0)
         ]
         return GaLoreAdamW(groups, lr=config.lr if lr is None else lr, weight_decay=0.0, no_deprecation_warning=True)
     if name == "flora":
@@ -336,7 +337,7 @@ def build_optimizer(
     if name == "foam":
         from lightning_memopt.optim import FOAM
 
-        return FOAM(params, lr=config.lr if lr is None else lr, weight_decay=0.0)
+        return FOAM(params, lr=config.lr if lr is None else lr, weight_decay=0.0, fold_level=4, scale=1.0)
     if name == "adamw4bit-ao":
         from torchao.optim import AdamW4bit
 
