@@ -78,8 +78,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Lightning's default map_location is the callable `lambda storage, loc: storage` (tensors stay on the CPU,
         # where torch reads them), which torch.load refuses for tensor subclasses such as torchao's 4-bit/8-bit
         # optimizer state ("Callable map_location not supported with _rebuild_wrapper_subclass"): "cpu" is the same
-        return super().load_checkpoint(path, map_location="cpu" if map_location is None else map_location,
-                                       weights_only=weights_only)  # fmt: skip
+        location = "cpu" if map_location is None else map_location
+        return super().load_checkpoint(path, map_location=location, weights_only=weights_only)  # type: ignore[arg-type]
 
 
 def _is_local(path: _PATH) -> bool:

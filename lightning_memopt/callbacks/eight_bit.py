@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -32,7 +33,14 @@ from lightning_memopt.optimizers import (
 )
 from lightning_memopt.strategies.badam import block_strategy
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "EightBitState", "check_bitsandbytes_version", "is_eight_bit", "to_eight_bit"]
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "EightBitState",
+    "check_bitsandbytes_version",
+    "is_eight_bit",
+    "to_eight_bit",
+    "to_torchao",
+]
 
 # 8-bit optimizers on the CPU arrived in 0.50, and so did the lookup of per-parameter overrides by parameter identity
 # (bitsandbytes#1269, fixed by #1869): before, `override_config` was silently ignored once the optimizer existed.
@@ -121,6 +129,84 @@ def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
     return eight
 
 
+TORCHAO_INSTALL = "pip install 'torchao>=0.18'  # or: pip install 'lightning-memopt[compressed]'"
+BACKENDS = ("bitsandbytes", "torchao")
+
+
+def import_torchao_optim() -> Any:
+    try:
+        import torchao.optim
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"EightBitState(backend='torchao') needs the torchao package, which could not be imported ({err}). "
+            f"Install it with `{TORCHAO_INSTALL}`, or use backend='bitsandbytes'."
+        ) from err
+    return torchao.optim
+
+
+def to_torchao(optimizer: Optimizer, bits: int = 4) -> Optimizer:
+    """Return torchao's low-bit counterpart of a torch ``Adam``/``AdamW``: ``Adam4bit``/``AdamW4bit`` (``bits=4``)
+    or ``Adam8bit``/``AdamW8bit`` (``bits=8``), over the same param groups and hyper-parameters.
+
+    torchao quantises the two moments of every tensor of at least 4096 values that its block size divides (4 bits:
+    blocks of 128, 8 bits: blocks of 256, one FP32 scale per block) and keeps the others in the parameter's dtype;
+    each parameter shape is compiled with ``torch.compile`` on its first step (seconds to tens of seconds on a CPU).
+    It keeps ``lr`` as a 0-d tensor; torch's LR schedulers write into it. Every param group keeps its extra keys (a
+    scheduler's ``initial_lr``, your own ``name``); step hooks registered on ``optimizer`` are shared. Options torchao
+    does not implement (``maximize``, ...) raise a ``ValueError`` that names them.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(64, 64)
+        >>> low = to_torchao(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1), bits=4)
+        >>> type(low).__name__, float(low.param_groups[0]["lr"]), low.param_groups[0]["weight_decay"]
+        ('AdamW4bit', 0.0010000000474974513, 0.1)
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"to_torchao(bits=...) must be 4 or 8, got {bits!r}.")
+    ao = import_torchao_optim()
+    cls = type(optimizer)
+    if cls.__module__.startswith("torchao"):
+        return optimizer
+    if cls not in (torch.optim.Adam, torch.optim.AdamW):
+        raise TypeError(
+            f"EightBitState(backend='torchao') cannot give {cls.__module__}.{cls.__qualname__} low-bit state: torchao "
+            "has low-bit versions of torch.optim.Adam and torch.optim.AdamW only. Use one of those, or "
+            "backend='bitsandbytes' (which also covers SGD, RMSprop, Adagrad and Lion)."
+        )
+    decoupled = cls is torch.optim.AdamW
+    target = getattr(ao, f"{'AdamW' if decoupled else 'Adam'}{bits}bit")
+
+    def translate(h: Mapping[str, Any], where: str) -> dict[str, Any]:
+        for option in ("maximize", "capturable", "differentiable"):
+            if h.get(option, False):
+                raise ValueError(f"{where} has {option}=True, which torchao's {target.__name__} does not implement.")
+        if not decoupled and h.get("decoupled_weight_decay", False):
+            raise ValueError(f"{where} has decoupled_weight_decay=True: use torch.optim.AdamW for torchao's AdamW.")
+        return {
+            "lr": _as_float(h["lr"]),
+            "betas": tuple(_as_float(b) for b in h["betas"]),
+            "eps": _as_float(h["eps"]),
+            "weight_decay": _as_float(h["weight_decay"]),
+            "amsgrad": bool(h.get("amsgrad", False)),
+        }
+
+    source = cls.__name__
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        extras = {k: v for k, v in group.items() if k not in optimizer.defaults}
+        groups.append({**extras, **translate(group, f"Param group {i} of {source}")})
+    low = target(groups, **translate(optimizer.defaults, f"{source}'s defaults"))
+    for attr in OPTIMIZER_STEP_HOOK_ATTRS:
+        setattr(low, attr, getattr(optimizer, attr))
+    return low
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
 # ------------------------------------------------------------------------------------------- 32-bit exceptions
 class _Overrides:
     """The parameters whose state bitsandbytes keeps in 32 bits, as entries in its process-wide GlobalOptimManager.
@@ -181,12 +267,20 @@ class EightBitState(Callback):
     Works with single-device and DDP strategies and with ``badam``/``badam_ddp``, where the 32-bit exceptions are
     registered again for the new FP32 masters at every block activation. Needs bitsandbytes >= 0.50 on the CPU.
 
+    With ``backend="torchao"`` the optimizer (torch's ``Adam``/``AdamW``) becomes torchao's ``Adam4bit``/
+    ``AdamW4bit`` (``bits=4``: ~0.53 bytes per moment value) or ``Adam8bit``/``AdamW8bit`` instead (see
+    :func:`to_torchao`); torchao compiles each parameter shape on its first step and has no per-parameter
+    exceptions. Resuming such a run needs a checkpoint loader that reads tensor subclasses: the BAdam strategies'
+    :class:`~lightning_memopt.AtomicCheckpointIO` (pass ``plugins=[AtomicCheckpointIO()]`` with another strategy).
+
     Args:
         min_8bit_size: tensors with fewer values keep 32-bit state (norms, biases); bitsandbytes' default is 4096.
         keep_32bit: regular expressions (``re.search`` on parameter names such as ``model.norm.weight``) of further
             parameters whose state stays 32-bit, e.g. ``["norm", "lm_head"]``.
         keep_32bit_embeddings: keep the state of every ``torch.nn.Embedding``'s weight in 32 bits (bitsandbytes'
-            advice for stable training; Hugging Face's Trainer does the same).
+            advice for stable training; Hugging Face's Trainer does the same). bitsandbytes only.
+        backend: ``"bitsandbytes"`` or ``"torchao"``.
+        bits: 8, or with ``backend="torchao"`` 4 as well.
 
     Example::
 
@@ -199,6 +293,7 @@ class EightBitState(Callback):
     or, in a LightningCLI recipe, one more entry under ``trainer.callbacks``::
 
         - class_path: lightning_memopt.EightBitState
+          init_args: {backend: torchao, bits: 4}   # torchao's 4-bit AdamW; leave out for bitsandbytes' 8 bits
     """
 
     def __init__(
@@ -206,7 +301,28 @@ class EightBitState(Callback):
         min_8bit_size: int = 4096,
         keep_32bit: Sequence[str] = (),
         keep_32bit_embeddings: bool = True,
+        backend: str = "bitsandbytes",
+        bits: int = 8,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"EightBitState(backend=...) must be one of {BACKENDS}, got {backend!r}.")
+        if backend == "bitsandbytes" and bits != 8:
+            raise ValueError(
+                f"EightBitState(bits={bits!r}) needs backend='torchao': bitsandbytes keeps 8-bit state only. Write "
+                f"EightBitState(backend='torchao', bits={bits!r})."
+            )
+        if backend == "torchao":
+            if bits not in (4, 8):
+                raise ValueError(f"EightBitState(backend='torchao', bits=...) must be 4 or 8, got {bits!r}.")
+            if min_8bit_size != 4096 or keep_32bit:
+                raise ValueError(
+                    "EightBitState(backend='torchao') has no min_8bit_size or keep_32bit: torchao quantises every "
+                    "tensor of at least 4096 values (that its block size divides) and has no per-parameter "
+                    "exceptions. Remove those options, or use backend='bitsandbytes'."
+                )
+            import_torchao_optim()
+        self.backend = backend
+        self.bits = bits
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(
                 f"EightBitState(min_8bit_size=...) must be a number of tensor elements >= 0, got {min_8bit_size!r}."
@@ -223,7 +339,8 @@ class EightBitState(Callback):
                 raise ValueError(
                     f"EightBitState(keep_32bit=...) has an invalid regular expression {pattern!r}: {err}"
                 ) from err
-        import_bitsandbytes()  # fail while the run is being configured, not at the start of fit
+        if backend == "bitsandbytes":
+            import_bitsandbytes()  # fail while the run is being configured, not at the start of fit
         self.min_8bit_size = min_8bit_size
         self.keep_32bit = list(keep_32bit)
         self.keep_32bit_embeddings = keep_32bit_embeddings
@@ -232,6 +349,8 @@ class EightBitState(Callback):
         self._activation_handle: RemovableHandle | None = None
 
     def __repr__(self) -> str:
+        if self.backend == "torchao":
+            return f"EightBitState(backend='torchao', bits={self.bits})"
         return (
             f"EightBitState(min_8bit_size={self.min_8bit_size}, keep_32bit={self.keep_32bit!r}, "
             f"keep_32bit_embeddings={self.keep_32bit_embeddings})"
@@ -245,7 +364,7 @@ class EightBitState(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or self.backend == "torchao":
             return
         bnb = import_bitsandbytes()
         keeps = bool(self.keep_32bit) or self.keep_32bit_embeddings
@@ -255,6 +374,14 @@ class EightBitState(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         for i, saved in enumerate(checkpoint.get("optimizer_states", [])):
             for state in saved.get("state", {}).values():
+                if self.backend == "torchao":
+                    if _is_bnb_state(state):
+                        raise MisconfigurationException(
+                            f"The checkpoint's optimizer {i} holds bitsandbytes 8-bit state, but EightBitState("
+                            "backend='torchao') trains with torchao's optimizer, which cannot load it. Resume with "
+                            "backend='bitsandbytes', or start a new run from the checkpoint's weights only."
+                        )
+                    continue
                 if state and not _is_bnb_state(state):
                     raise MisconfigurationException(
                         f"The checkpoint's optimizer {i} holds 32-bit state ({', '.join(sorted(state))}), but "
@@ -276,6 +403,9 @@ class EightBitState(Callback):
                     f"EightBitState: {type(old).__name__} already has optimizer state; its bitsandbytes 8-bit "
                     "counterpart starts without it."
                 )
+            if self.backend == "torchao":
+                swapped.append((old, to_torchao(old, bits=self.bits)))
+                continue
             new = to_eight_bit(old, min_8bit_size=self.min_8bit_size)
             own_min_size = getattr(getattr(old, "args", None), "min_8bit_size", self.min_8bit_size)
             if new is old and own_min_size != self.min_8bit_size:
@@ -289,6 +419,13 @@ class EightBitState(Callback):
             if new is not old:
                 _repoint_schedulers(trainer, old, new)
 
+        if self.backend == "torchao":
+            names = ", ".join(f"{type(o).__name__} -> {type(n).__name__}" for o, n in swapped)
+            rank_zero_info(
+                f"EightBitState: {names} (torchao, {self.bits}-bit state for tensors of >= 4096 values; each "
+                "parameter shape compiles on its first step)"
+            )
+            return
         self._kept = self._resolve_kept(pl_module)
         badam = block_strategy(trainer)
         if badam is not None:
