@@ -173,3 +173,18 @@ def test_foam_from_the_optimizer_section_trains_under_badam(tmp_path: Path, monk
     # the active block's matrices keep moments per block of 32 along each row
     matrices = [p for g in optimizer.param_groups for p in g["params"] if p.dim() == 2]
     assert matrices and all(optimizer.state[p]["exp_avg"].shape == (p.shape[0], -(-p.shape[1] // 32)) for p in matrices)
+
+
+def test_torchao_state_from_a_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torchao")
+    from lightning_memopt import EightBitState
+
+    monkeypatch.setattr("sys.argv", ["lightning-memopt"])
+    config = tmp_path / "torchao.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_memopt.EightBitState\n"
+        "      init_args: {backend: torchao, bits: 4}\n"
+    )
+    cli = MemoptCLI(args=[*_small_run(tmp_path, steps=2), "--config", str(config)], run=False)
+    (state,) = [c for c in cli.trainer.callbacks if isinstance(c, EightBitState)]
+    assert (state.backend, state.bits) == ("torchao", 4)

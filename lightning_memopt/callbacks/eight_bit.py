@@ -9,11 +9,13 @@ tensors (fewer than ``min_8bit_size`` values) and the parameters asked for keep 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from packaging.version import Version
@@ -22,6 +24,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import OPTIMIZER_STEP_HOOK_ATTRS, child_schedulers, track_step_called
 from lightning_memopt.optimizers import (
     BNB_INSTALL,
@@ -37,6 +40,7 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "EightBitState",
     "check_bitsandbytes_version",
+    "check_torchao_fp8_device",
     "is_eight_bit",
     "to_eight_bit",
     "to_torchao",
@@ -131,6 +135,10 @@ def to_eight_bit(optimizer: Optimizer, min_8bit_size: int = 4096) -> Optimizer:
 
 TORCHAO_INSTALL = "pip install 'torchao>=0.18'  # or: pip install 'lightning-memopt[compressed]'"
 BACKENDS = ("bitsandbytes", "torchao")
+TORCHAO_BITS = (4, 8, "fp8")
+# torchao's FP8 state casts to float8_e4m3fn inside compiled code: Triton has that cast from compute capability 8.9 on
+# (Ada, Hopper; torchao's own tests skip below it), the CPU's C++ backend has it on every CPU (checked on torch 2.13)
+_FP8_MIN_CUDA_CAPABILITY = (8, 9)
 
 
 def import_torchao_optim() -> Any:
@@ -144,16 +152,48 @@ def import_torchao_optim() -> Any:
     return torchao.optim
 
 
-def to_torchao(optimizer: Optimizer, bits: int = 4) -> Optimizer:
-    """Return torchao's low-bit counterpart of a torch ``Adam``/``AdamW``: ``Adam4bit``/``AdamW4bit`` (``bits=4``)
-    or ``Adam8bit``/``AdamW8bit`` (``bits=8``), over the same param groups and hyper-parameters.
+def check_torchao_fp8_device(device: torch.device | str) -> None:
+    """Raise if torchao's FP8 optimizer state (``bits="fp8"``) cannot run on ``device``.
 
-    torchao quantises the two moments of every tensor of at least 4096 values that its block size divides (4 bits:
-    blocks of 128, 8 bits: blocks of 256, one FP32 scale per block) and keeps the others in the parameter's dtype;
-    each parameter shape is compiled with ``torch.compile`` on its first step (seconds to tens of seconds on a CPU).
-    It keeps ``lr`` as a 0-d tensor; torch's LR schedulers write into it. Every param group keeps its extra keys (a
-    scheduler's ``initial_lr``, your own ``name``); step hooks registered on ``optimizer`` are shared. Options torchao
-    does not implement (``maximize``, ...) raise a ``ValueError`` that names them.
+    FP8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); the CPU runs it. Other devices are
+    left to torchao.
+
+    Example::
+
+        >>> check_torchao_fp8_device("cpu")
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= _FP8_MIN_CUDA_CAPABILITY:
+        return
+    major, minor = capability
+    raise MisconfigurationException(
+        f"EightBitState(backend='torchao', bits='fp8') needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or "
+        f"newer), but {torch.cuda.get_device_name(device)} has {major}.{minor}: torchao's FP8 state casts to "
+        "float8_e4m3fn, which Triton compiles only from 8.9 on. Use bits=8 (the same 2 bytes per parameter, with a "
+        "256-entry map) or bits=4."
+    )
+
+
+def to_torchao(optimizer: Optimizer, bits: int | str = 4) -> Optimizer:
+    """Return torchao's low-bit counterpart of a torch ``Adam``/``AdamW``: ``Adam4bit``/``AdamW4bit`` (``bits=4``),
+    ``Adam8bit``/``AdamW8bit`` (``bits=8``) or ``AdamFp8``/``AdamWFp8`` (``bits="fp8"``), over the same param groups
+    and hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``; Adam's L2 decay stays L2, AdamW's decoupled).
+
+    torchao quantises both moments of every tensor of at least 4096 values that its block size divides, blockwise
+    (4 bits: codes two to a byte, one FP32 scale per 128 values and a 16-entry FP32 map per tensor; 8 bits: one byte,
+    a scale per 256 values and a 256-entry map; FP8: ``float8_e4m3fn`` codes, a scale per 256 values), and keeps the
+    others in the parameter's own dtype; ``step`` is a 0-d FP32 tensor. The update is compiled with
+    ``torch.compile`` on the first step of each parameter shape, dtype and combination of ``betas``, ``eps`` and
+    ``weight_decay`` (seconds on a CPU; later steps and new tensors of the same kind reuse it). torchao keeps ``lr`` as
+    a 0-d tensor, which torch's LR schedulers fill in place (so schedules never recompile); a Python float written
+    into ``group["lr"]`` (which torchao's step refuses) is turned back into a tensor before each step. Every param
+    group keeps its extra keys (a scheduler's ``initial_lr``, your own ``name``); step hooks registered on
+    ``optimizer`` are shared. Options torchao does not implement (``amsgrad``, ``maximize``, ...) raise a
+    ``ValueError`` that names them; other optimizers a ``TypeError``. FP8 state needs a CPU or a CUDA GPU of compute
+    capability >= 8.9 (see :func:`check_torchao_fp8_device`).
 
     Example::
 
@@ -163,8 +203,8 @@ def to_torchao(optimizer: Optimizer, bits: int = 4) -> Optimizer:
         >>> type(low).__name__, float(low.param_groups[0]["lr"]), low.param_groups[0]["weight_decay"]
         ('AdamW4bit', 0.0010000000474974513, 0.1)
     """
-    if bits not in (4, 8):
-        raise ValueError(f"to_torchao(bits=...) must be 4 or 8, got {bits!r}.")
+    if isinstance(bits, bool) or bits not in TORCHAO_BITS:
+        raise ValueError(f"to_torchao(bits=...) must be 4, 8 or 'fp8', got {bits!r}.")
     ao = import_torchao_optim()
     cls = type(optimizer)
     if cls.__module__.startswith("torchao"):
@@ -175,13 +215,23 @@ def to_torchao(optimizer: Optimizer, bits: int = 4) -> Optimizer:
             "has low-bit versions of torch.optim.Adam and torch.optim.AdamW only. Use one of those, or "
             "backend='bitsandbytes' (which also covers SGD, RMSprop, Adagrad and Lion)."
         )
+    if bits == "fp8":
+        for device in {p.device for group in optimizer.param_groups for p in group["params"]}:
+            check_torchao_fp8_device(device)
     decoupled = cls is torch.optim.AdamW
-    target = getattr(ao, f"{'AdamW' if decoupled else 'Adam'}{bits}bit")
+    suffix = "Fp8" if bits == "fp8" else f"{bits}bit"
+    target = getattr(ao, f"{'AdamW' if decoupled else 'Adam'}{suffix}")
 
     def translate(h: Mapping[str, Any], where: str) -> dict[str, Any]:
         for option in ("maximize", "capturable", "differentiable"):
             if h.get(option, False):
                 raise ValueError(f"{where} has {option}=True, which torchao's {target.__name__} does not implement.")
+        if h.get("amsgrad", False):
+            # torchao 0.18 has the option, but its quantised state has no `maximum`: the first step fails to compile
+            raise ValueError(
+                f"{where} has amsgrad=True, which torchao's {target.__name__} cannot run on quantised state. Pass "
+                "amsgrad=False, or use EightBitState without backend='torchao' for 32-bit AMSGrad."
+            )
         if not decoupled and h.get("decoupled_weight_decay", False):
             raise ValueError(f"{where} has decoupled_weight_decay=True: use torch.optim.AdamW for torchao's AdamW.")
         return {
@@ -189,7 +239,7 @@ def to_torchao(optimizer: Optimizer, bits: int = 4) -> Optimizer:
             "betas": tuple(_as_float(b) for b in h["betas"]),
             "eps": _as_float(h["eps"]),
             "weight_decay": _as_float(h["weight_decay"]),
-            "amsgrad": bool(h.get("amsgrad", False)),
+            "amsgrad": False,
         }
 
     source = cls.__name__
@@ -200,7 +250,27 @@ def to_torchao(optimizer: Optimizer, bits: int = 4) -> Optimizer:
     low = target(groups, **translate(optimizer.defaults, f"{source}'s defaults"))
     for attr in OPTIMIZER_STEP_HOOK_ATTRS:
         setattr(low, attr, getattr(optimizer, attr))
+    # registered after the sharing, so it lives in the shared dict: it acts on `low` only
+    low.register_step_pre_hook(_LrAsTensor(low))
     return low
+
+
+class _LrAsTensor:
+    """Step pre-hook: put a Python float found in ``group["lr"]`` back into the 0-d tensor torchao's step needs.
+
+    torch's schedulers fill the tensor in place, but ``group["lr"] = x`` (user code, older schedulers, LR finders)
+    would make torchao raise "lr was changed to a non-Tensor object"; the value written last is the one used.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self._optimizer = weakref.ref(optimizer)
+
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is not self._optimizer():
+            return
+        for group in optimizer.param_groups:
+            if not isinstance(group["lr"], Tensor):
+                group["lr"] = torch.tensor(_as_float(group["lr"]), dtype=torch.float32)
 
 
 def _as_float(value: Any) -> float:
@@ -268,19 +338,24 @@ class EightBitState(Callback):
     registered again for the new FP32 masters at every block activation. Needs bitsandbytes >= 0.50 on the CPU.
 
     With ``backend="torchao"`` the optimizer (torch's ``Adam``/``AdamW``) becomes torchao's ``Adam4bit``/
-    ``AdamW4bit`` (``bits=4``: ~0.53 bytes per moment value) or ``Adam8bit``/``AdamW8bit`` instead (see
-    :func:`to_torchao`); torchao compiles each parameter shape on its first step and has no per-parameter
-    exceptions. Resuming such a run needs a checkpoint loader that reads tensor subclasses: the BAdam strategies'
-    :class:`~lightning_memopt.AtomicCheckpointIO` (pass ``plugins=[AtomicCheckpointIO()]`` with another strategy).
+    ``AdamW4bit`` (``bits=4``: ~0.53 bytes per moment value), ``Adam8bit``/``AdamW8bit`` (``bits=8``) or
+    ``AdamFp8``/``AdamWFp8`` (``bits="fp8"``; a CPU or a CUDA GPU of compute capability >= 8.9) instead (see
+    :func:`to_torchao`); torchao compiles each parameter shape on its first step and has no per-parameter exceptions
+    (so no ``keep_32bit``, ``min_8bit_size`` or ``keep_32bit_embeddings=True``). Its state loads with
+    ``weights_only=True`` (torchao registers its classes as safe when ``torchao.optim`` is imported, which this
+    callback does), but not through Lightning's default loader, whose callable ``map_location`` torch refuses for
+    tensor subclasses: a strategy with Lightning's default ``TorchCheckpointIO`` is given
+    :class:`~lightning_memopt.AtomicCheckpointIO` (the BAdam strategies' default, which reads them) at setup.
 
     Args:
         min_8bit_size: tensors with fewer values keep 32-bit state (norms, biases); bitsandbytes' default is 4096.
         keep_32bit: regular expressions (``re.search`` on parameter names such as ``model.norm.weight``) of further
             parameters whose state stays 32-bit, e.g. ``["norm", "lm_head"]``.
         keep_32bit_embeddings: keep the state of every ``torch.nn.Embedding``'s weight in 32 bits (bitsandbytes'
-            advice for stable training; Hugging Face's Trainer does the same). bitsandbytes only.
+            advice for stable training; Hugging Face's Trainer does the same). bitsandbytes only: left out, it is
+            ``True`` there and does not apply to torchao, which quantises embeddings like any large tensor.
         backend: ``"bitsandbytes"`` or ``"torchao"``.
-        bits: 8, or with ``backend="torchao"`` 4 as well.
+        bits: 8, or with ``backend="torchao"`` 4 or ``"fp8"`` as well.
 
     Example::
 
@@ -289,6 +364,9 @@ class EightBitState(Callback):
 
         trainer = Trainer(strategy=BAdamStrategy(), precision="bf16-true",
                           callbacks=[BlockSwitch(every=100), EightBitState(keep_32bit=["norm"])])
+        # torchao's 4-bit AdamW state instead of bitsandbytes' 8 bits
+        trainer = Trainer(strategy=BAdamStrategy(), precision="bf16-true",
+                          callbacks=[BlockSwitch(every=100), EightBitState(backend="torchao", bits=4)])
 
     or, in a LightningCLI recipe, one more entry under ``trainer.callbacks``::
 
@@ -300,9 +378,9 @@ class EightBitState(Callback):
         self,
         min_8bit_size: int = 4096,
         keep_32bit: Sequence[str] = (),
-        keep_32bit_embeddings: bool = True,
+        keep_32bit_embeddings: bool | None = None,
         backend: str = "bitsandbytes",
-        bits: int = 8,
+        bits: int | str = 8,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"EightBitState(backend=...) must be one of {BACKENDS}, got {backend!r}.")
@@ -312,13 +390,14 @@ class EightBitState(Callback):
                 f"EightBitState(backend='torchao', bits={bits!r})."
             )
         if backend == "torchao":
-            if bits not in (4, 8):
-                raise ValueError(f"EightBitState(backend='torchao', bits=...) must be 4 or 8, got {bits!r}.")
-            if min_8bit_size != 4096 or keep_32bit:
+            if isinstance(bits, bool) or bits not in TORCHAO_BITS:
+                raise ValueError(f"EightBitState(backend='torchao', bits=...) must be 4, 8 or 'fp8', got {bits!r}.")
+            if min_8bit_size != 4096 or keep_32bit or keep_32bit_embeddings:
                 raise ValueError(
-                    "EightBitState(backend='torchao') has no min_8bit_size or keep_32bit: torchao quantises every "
-                    "tensor of at least 4096 values (that its block size divides) and has no per-parameter "
-                    "exceptions. Remove those options, or use backend='bitsandbytes'."
+                    "EightBitState(backend='torchao') has no min_8bit_size, keep_32bit or keep_32bit_embeddings: "
+                    "torchao quantises every tensor of at least 4096 values (that its block size divides), "
+                    "embeddings included, and has no per-parameter exceptions. Remove those options, or use "
+                    "backend='bitsandbytes'."
                 )
             import_torchao_optim()
         self.backend = backend
@@ -343,7 +422,7 @@ class EightBitState(Callback):
             import_bitsandbytes()  # fail while the run is being configured, not at the start of fit
         self.min_8bit_size = min_8bit_size
         self.keep_32bit = list(keep_32bit)
-        self.keep_32bit_embeddings = keep_32bit_embeddings
+        self.keep_32bit_embeddings = backend == "bitsandbytes" and keep_32bit_embeddings is not False
         self._kept: list[str] = []
         self._overrides = _Overrides()
         self._activation_handle: RemovableHandle | None = None
@@ -364,7 +443,12 @@ class EightBitState(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.backend == "torchao":
+        if stage != "fit":
+            return
+        if self.backend == "torchao":
+            if self.bits == "fp8":
+                check_torchao_fp8_device(trainer.strategy.root_device)
+            _load_tensor_subclasses(trainer)
             return
         bnb = import_bitsandbytes()
         keeps = bool(self.keep_32bit) or self.keep_32bit_embeddings
@@ -475,6 +559,18 @@ class EightBitState(Callback):
             self._activation_handle.remove()
             self._activation_handle = None
         self._overrides.clear()
+
+
+def _load_tensor_subclasses(trainer: Trainer) -> None:
+    # Lightning's loader passes map_location=`lambda storage, loc: storage`, which torch refuses for tensor subclasses
+    # ("Callable map_location not supported with _rebuild_wrapper_subclass"); `setup` runs before a checkpoint is read
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        rank_zero_info(
+            "EightBitState(backend='torchao'): checkpoints are written and read by AtomicCheckpointIO, which can "
+            "load torchao's quantised optimizer state (Lightning's default loader cannot)."
+        )
 
 
 def _repoint_schedulers(trainer: Trainer, old: Optimizer, new: Optimizer) -> None:
