@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import LlamaModule, token_loader, trainer_kwargs, weights
 
 from lightning_memopt import BAdamStrategy, BlockSwitch
+from lightning_memopt.compat import is_fake
 
 
 class Probe(Callback):
@@ -57,6 +58,8 @@ def _fp32_live_bytes(shapes: set[tuple[int, ...]]) -> int:
         except ReferenceError:
             continue
         if not is_tensor or obj.dtype != torch.float32 or obj.device.type != "cpu" or tuple(obj.shape) not in shapes:
+            continue
+        if is_fake(obj):  # left by torch.compile's tracing (torchao's optimizers) until gc collects it: no memory
             continue
         storage = obj.untyped_storage()
         if storage.data_ptr() in seen or storage.nbytes() == 0:
@@ -336,14 +339,17 @@ def test_progress_bar_and_logger_show_active_block(tmp_path, caplog):
             **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, enable_progress_bar=True),
         )
         trainer.fit(LlamaModule(num_layers=3))
-    assert trainer.progress_bar_metrics["badam/block"] == 1.0
+    # the bar gets the index as text (a logged number would show as 1.000); the logger gets the number
+    assert trainer.progress_bar_metrics["block"] == "1/3"
+    assert "badam/block" not in trainer.progress_bar_metrics
     rows = (tmp_path / "blocks" / "version_0" / "metrics.csv").read_text().splitlines()
     col = rows[0].split(",").index("badam/block")
     logged = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
     assert logged == [2.0, 2.0, 1.0, 1.0]
-    messages = [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in caplog.records if r.name == "lightning_memopt.block_switch"]
     assert any("starts with block 2/3" in m for m in messages)
-    assert any("switched to block 1/3" in m and "model.model.layers.1" in m and "step 2" in m for m in messages)
+    # each switch is a DEBUG record, so INFO shows none (tests/test_quiet_run.py checks what each level shows)
+    assert not any("switched to" in m for m in messages)
 
 
 class ManualModule(LlamaModule):

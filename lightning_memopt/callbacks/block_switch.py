@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_memopt.log import get_logger, rank_zero_log
 from lightning_memopt.sampling import importance_probabilities, sample_blocks, update_score
 from lightning_memopt.strategies.badam import BlockStrategy, block_strategy
 
-__all__ = ["ORDERS", "BlockSwitch"]
+__all__ = ["ORDERS", "PROGRESS_BAR_KEY", "BlockSwitch", "block_label"]
 
 ORDERS = ("ascending", "descending", "random", "fixed", "importance")
 Order = Literal["ascending", "descending", "random", "fixed", "importance"]
 
 # order="importance" defaults (the formulas are in lightning_memopt.sampling)
 _IMPORTANCE_DEFAULTS: dict[str, float] = {"temperature": 1.0, "score_smoothing": 0.9, "score_clip": 5.0, "floor": 0.1}
+
+_log = get_logger("block_switch")
+PROGRESS_BAR_KEY = "block"
+"""The progress bar's entry for the active block(s), e.g. ``block: 4/6`` (the index, then the number of blocks)."""
 
 
 class BlockSwitch(Callback):
@@ -33,6 +40,12 @@ class BlockSwitch(Callback):
     rank and after a resume. The switch happens at the start of the first batch of an optimizer step (so with gradient
     accumulation ``every`` counts optimizer steps, not batches). Its state (order, position, RNG) is saved in
     checkpoints.
+
+    The active block goes to the progress bar as a string, ``block: 4/6`` (index / number of blocks; ``1+3/6`` when
+    a set trains), and to the loggers as the number ``badam/block`` (the lowest active index), for plots. What the
+    schedule does is logged under ``logging.getLogger("lightning_memopt.block_switch")``, on rank 0: at ``INFO`` the
+    first block and the schedule when training starts, and one line per pass over the blocks (every ``D`` switches
+    for ``D`` blocks); at ``DEBUG`` every switch (``logging.getLogger("lightning_memopt").setLevel(logging.DEBUG)``).
 
     Args:
         every: optimizer steps per block (the paper's K; 100 there).
@@ -122,6 +135,10 @@ class BlockSwitch(Callback):
         self._pending: list[tuple[int, Tensor]] = []
         self._sizes: list[int] = []
         self._budget_params: int | None = None
+        # what the log's pass summaries say: the sets of the pass in progress (None: it began before a resume) and
+        # when it began
+        self._visits: list[tuple[int, ...]] | None = None
+        self._pass_began: float | None = None
 
     def __repr__(self) -> str:
         text = f"BlockSwitch(every={self.every}, order={self.order!r}, start={self.start}, seed={self.seed}"
@@ -255,7 +272,22 @@ class BlockSwitch(Callback):
             self._active = self._active_set[0]
         assert self._active is not None
         strategy.activate(self._active_set)
-        self._announce(strategy, trainer, verb="resumes with" if self._restored else "starts with")
+        at_pass_start = self._segment % num_blocks == 0
+        self._visits = [self._active_set] if at_pass_start else None
+        self._pass_began = None
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # announced here rather than in on_fit_start: after the sanity check, next to the strategy's summary
+        strategy = _badam_strategy(trainer)
+        self._pass_began = time.monotonic() if self._visits is not None else None
+        if self._restored:
+            # global_step is restored by now, but the segment's start is what the schedule knows
+            start = f"BAdam resumes with {self._describe(strategy)} in the segment starting at step "
+            start += f"{self._segment * self.every}"
+        else:
+            start = f"BAdam starts with {self._describe(strategy)} at step {trainer.global_step}"
+        rank_zero_log(_log, logging.INFO, f"{start}; {self._schedule_text(len(strategy.blocks))}")
 
     def _setup_importance(self, strategy: Any, pl_module: LightningModule) -> None:
         numel = {n: p.numel() for n, p in pl_module.named_parameters()}
@@ -318,27 +350,62 @@ class BlockSwitch(Callback):
             switched = switched or nxt != self._active_set
             self._active_set = nxt
             self._active = nxt[0]
+            if self.order == "fixed":
+                continue  # no passes: the block never changes
+            if self._segment % self._num_blocks == 0:
+                self._end_pass(self._segment // self._num_blocks)
+            if self._visits is not None:
+                self._visits.append(nxt)
         if tuple(strategy.active_blocks) != self._active_set:
             strategy.activate(self._active_set)
         if switched:
-            self._announce(strategy, trainer, verb="switched to")
-        pl_module.log("badam/block", float(self._active), prog_bar=True, on_step=True, on_epoch=False, logger=True)
+            rank_zero_log(
+                _log, logging.DEBUG, f"BAdam switched to {self._describe(strategy)} at step {trainer.global_step}"
+            )
+        # the number for the loggers (plots); the progress bar gets "4/6": a logged value is always a float there,
+        # which the bars print as 4.000
+        pl_module.log("badam/block", float(self._active), prog_bar=False, on_step=True, on_epoch=False)
+        bar: dict[str, Any] = trainer.progress_bar_metrics
+        bar[PROGRESS_BAR_KEY] = block_label(self._active_set, self._num_blocks)
 
-    def _announce(self, strategy: Any, trainer: Trainer, verb: str) -> None:
+    def _describe(self, strategy: Any) -> str:
         assert self._active is not None
-        # on resume, on_fit_start runs before the loops restore global_step: the schedule knows the segment's start
-        step = trainer.global_step if verb == "switched to" else self._segment * self.every
-        where = "at step" if verb != "resumes with" else "in the segment starting at step"
         if len(self._active_set) == 1:
             name = strategy.blocks[self._active].name
-            what = f"block {self._active}/{len(strategy.blocks)} ({name!r})"
+            return f"block {self._active}/{len(strategy.blocks)} ({name!r})"
+        names = ", ".join(repr(strategy.blocks[i].name) for i in self._active_set[:3])
+        more = ", ..." if len(self._active_set) > 3 else ""
+        size = sum(self._sizes[i] for i in self._active_set)
+        what = f"{len(self._active_set)} blocks {list(self._active_set)} of {len(strategy.blocks)} "
+        return what + f"({names}{more}; {size:,} parameters)"
+
+    def _schedule_text(self, num_blocks: int) -> str:
+        if self.order == "fixed":
+            return "it trains alone (BlockSwitch order='fixed')"
+        span = f"one pass over the {num_blocks} blocks: {num_blocks * self.every} steps"
+        if self.order == "importance":
+            return f"a new draw by gradient importance every {self.every} steps ({span}, {num_blocks} draws)"
+        return f"a new block every {self.every} steps in {self.order} order ({span})"
+
+    def _end_pass(self, number: int) -> None:
+        assert self._num_blocks is not None
+        now = time.monotonic()
+        took = f", {now - self._pass_began:.1f} s" if self._pass_began is not None else ""
+        if self._visits is None:
+            visited = "it began before the resume"
+        elif len(self._visits) > 16:
+            distinct = len({i for s in self._visits for i in s})
+            visited = f"{distinct} of the {self._num_blocks} blocks trained"
         else:
-            names = ", ".join(repr(strategy.blocks[i].name) for i in self._active_set[:3])
-            more = ", ..." if len(self._active_set) > 3 else ""
-            size = sum(self._sizes[i] for i in self._active_set)
-            what = f"{len(self._active_set)} blocks {list(self._active_set)} of {len(strategy.blocks)} "
-            what += f"({names}{more}; {size:,} parameters)"
-        rank_zero_info(f"BAdam {verb} {what} {where} {step}")
+            visited = "order " + ", ".join("+".join(map(str, s)) for s in self._visits)
+        rank_zero_log(
+            _log,
+            logging.INFO,
+            f"BAdam: pass {number} over the {self._num_blocks} blocks done at step {self._segment * self.every} "
+            f"({self.every} steps per block{took}; {visited})",
+        )
+        self._visits = []
+        self._pass_began = now
 
     # ----------------------------------------------------------------------------------------------- state
     @override
@@ -378,6 +445,18 @@ class BlockSwitch(Callback):
         self._scores = [None if s is None else float(s) for s in state_dict.get("scores", [])]
         self._pending = []
         self._restored = True
+
+
+def block_label(active: tuple[int, ...] | list[int], num_blocks: int) -> str:
+    """What the progress bar shows for the active blocks: ``"4/6"``, or ``"1+3/6"`` for a set (at most three named).
+
+    Example::
+
+        >>> block_label((4,), 6), block_label((1, 3, 5, 7), 12)
+        ('4/6', '1+3+5+.../12')
+    """
+    shown = "+".join(str(i) for i in active[:3]) + ("+..." if len(active) > 3 else "")
+    return f"{shown}/{num_blocks}"
 
 
 def _check_budget(budget: int | float | None) -> int | float | None:

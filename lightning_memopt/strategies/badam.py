@@ -10,6 +10,7 @@ are re-pointed at the active block's masters, so LR schedulers, ``LearningRateMo
 from __future__ import annotations
 
 import difflib
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -39,13 +40,15 @@ from lightning_memopt.blocks import (
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import compiled_parts, dynamo_recompile_limit, lightning_trainer, parallel_devices
 from lightning_memopt.engine import BlockEngine, BlockEngineError
+from lightning_memopt.log import get_logger, logs_on_this_rank, rank_zero_log
 from lightning_memopt.low_rank import install_galore_shims
-from lightning_memopt.optimizers import steps_in_backward
+from lightning_memopt.optimizers import predict_optimizer_state_bytes, steps_in_backward
 from lightning_memopt.precision import MasterGradScalerPrecision, resolve_precision_plugin
 
 __all__ = ["BAdamStrategy", "BlockCoordinateMixin", "BlockOptions", "BlockStrategy", "block_strategy"]
 
 _CKPT_KEY = "badam"
+_log = get_logger("badam")
 
 
 class BlockOptions(TypedDict, total=False):
@@ -331,13 +334,8 @@ class BlockStrategy(Strategy):
         engine.on_activate = self._run_activation_hooks
         self._engine = engine
         self._ready = True
-        sizes = [sum(engine.params[n].numel() for n in b.param_names) for b in blocks]
         outside = engine.frozen_outside
         explicit = self.block_prefixes is not None or self.block_regexes is not None
-        rank_zero_info(
-            f"BAdam: {len(blocks)} blocks of {min(sizes):,}-{max(sizes):,} parameters"
-            + (f"; {len(outside)} parameters outside every block stay frozen (e.g. {outside[0]!r})" if outside else "")
-        )
         if outside and explicit:
             # the automatic blocks leave the embedding, head and final norm out by design; explicit ones by mistake
             rank_zero_warn(
@@ -535,6 +533,55 @@ class BlockStrategy(Strategy):
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": [first, *states[1:]]})
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # after every callback's on_fit_start and on_train_start: the first block is active, an optimizer swap
+        # (EightBitState) is done and a resumed run's state is loaded, so the prediction is the one the run will see
+        if self._ready and logs_on_this_rank(_log, logging.INFO):
+            _log.info(self._badam_summary())
+
+    def _badam_summary(self) -> str:
+        """The start-of-fit summary: the blocks, their sizes and the predicted memory of the active one(s)."""
+        from lightning_memopt.memory import _size, predict_memory  # memory.py imports this module
+
+        engine = self.engine
+        module = self.lightning_module
+        assert module is not None
+        sizes = [sum(engine.params[n].numel() for n in b.param_names) for b in self._blocks]
+        text = f"BAdam: {len(sizes)} blocks ({_sizes_text(sizes)} parameters)"
+        outside = engine.frozen_outside
+        if outside:
+            tensors = "tensor stays" if len(outside) == 1 else "tensors stay"
+            text += f"; {len(outside)} parameter {tensors} frozen outside every block (e.g. {outside[0]!r})"
+        trainer = _trainer_of(self)
+        optimizer = engine.optimizer
+        prediction = predict_memory(
+            module,
+            [optimizer],
+            self.master_params,
+            precision=str(trainer.precision),
+            blocks=len(sizes),
+            update_in_backward=self.updates_in_backward,
+        )
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+        parts = [f"{'/'.join(dtypes)} weights {_size(prediction.weights)}"]
+        active = [("FP32 masters", prediction.masters), ("gradients", prediction.grads)]
+        name = type(optimizer).__name__
+        state = (
+            "not predicted" if predict_optimizer_state_bytes(optimizer) is None else _size(prediction.optimizer_state)
+        )
+        listed = ", ".join(f"{label} {_size(n)}" for label, n in active if n) + f", {name} state {state}"
+        parts.append(f"for the active {'block' if len(self.active_blocks) == 1 else 'blocks'}: {listed.lstrip(', ')}")
+        text += f"; predicted memory on {self.root_device} {_size(prediction.total)} ({'; '.join(parts)}"
+        largest = max(range(len(sizes)), key=sizes.__getitem__)
+        trained = prediction.trained_params
+        if len(self.active_blocks) == 1 and trained and sizes[largest] > trained:
+            per_param = (prediction.total - prediction.weights - prediction.buffers) / trained
+            peak = prediction.weights + prediction.buffers + round(per_param * sizes[largest])
+            text += f"; about {_size(peak)} while the largest block trains, {self._blocks[largest].name!r}"
+        return text + "; activations come on top)"
+
+    @override
     def teardown(self) -> None:
         self._partitioned = False  # the blocks stay readable; the next fit partitions again
         if self._ready:
@@ -553,6 +600,20 @@ def _misconfiguration() -> Generator[None, None, None]:
         yield
     except BlockEngineError as err:
         raise MisconfigurationException(str(err)) from err
+
+
+def _sizes_text(sizes: Sequence[int], most: int = 5) -> str:
+    """Block sizes in order, equal neighbours grouped (``32,768 + 4 x 197,120 + 200,960``); a range beyond ``most``
+    groups (``4,096 to 58,720,256``)."""
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    if len(runs) > most:
+        return f"{min(sizes):,} to {max(sizes):,}"
+    return " + ".join(f"{count} x {size:,}" if count > 1 else f"{size:,}" for size, count in runs)
 
 
 def _first_names(names: Sequence[str], limit: int = 3) -> str:
@@ -682,7 +743,9 @@ def _ensure_block_switch(strategy: Any) -> None:
     # before the checkpoint callbacks, like Lightning orders its own, so checkpoints see this step's schedule state
     position = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
     callbacks.insert(position, default)
-    rank_zero_info(
+    rank_zero_log(
+        _log,
+        logging.INFO,
         f"BAdam: no BlockSwitch callback was given, so the default {default!r} decides block switches. "
-        "Add lightning_memopt.BlockSwitch(...) to the Trainer's callbacks to choose the schedule."
+        "Add lightning_memopt.BlockSwitch(...) to the Trainer's callbacks to choose the schedule.",
     )
