@@ -158,15 +158,16 @@ def _with_current_parameters(generated: partial[Any], names: dict[int, str]) -> 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-memopt`` and ``python -m lightning_memopt``.
 
-    ``export`` and ``estimate`` are this package's own subcommands (see :mod:`lightning_memopt.export` and
-    :mod:`lightning_memopt.estimate`); everything else goes to LightningCLI (``fit``, ``validate``, ``test``,
-    ``predict``).
+    ``export``, ``estimate`` and ``plot`` are this package's own subcommands (see :mod:`lightning_memopt.export`,
+    :mod:`lightning_memopt.estimate` and :mod:`lightning_memopt.plot`); everything else goes to LightningCLI
+    (``fit``, ``validate``, ``test``, ``predict``).
 
     Example::
 
         >>> main(["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_steps", "10"])  # doctest: +SKIP
         >>> main(["export", "last.ckpt", "exported/"])  # doctest: +SKIP
         >>> main(["estimate", "--model", "llama-3-8b", "--gpu-memory", "24GB"])  # doctest: +SKIP
+        >>> main(["plot", "runs/quickstart"])  # doctest: +SKIP
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv[:1] == ["export"]:
@@ -179,6 +180,13 @@ def main(args: ArgsType = None) -> None:
         from lightning_memopt.estimate import main as estimate_main
 
         code = estimate_main(list(argv[1:]))
+        if code:
+            raise SystemExit(code)
+        return
+    if isinstance(argv, (list, tuple)) and argv[:1] == ["plot"]:
+        from lightning_memopt.plot import main as plot_main
+
+        code = plot_main(list(argv[1:]))
         if code:
             raise SystemExit(code)
         return
