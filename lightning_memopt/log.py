@@ -4,6 +4,10 @@
   memory), at ``INFO``.
 - ``lightning_memopt.block_switch``: :class:`~lightning_memopt.BlockSwitch`'s schedule: the first block and the
   schedule at the start, one line per pass over the blocks at ``INFO``; every block switch at ``DEBUG``.
+- ``lightning_memopt.memory``: :class:`~lightning_memopt.MemoryReport`'s table at the end of fit, at ``INFO``.
+- ``lightning_memopt.eight_bit``, ``lightning_memopt.state_free``, ``lightning_memopt.sample_generation``: what
+  :class:`~lightning_memopt.EightBitState` swapped, what :class:`~lightning_memopt.StateFreeUpdates` costs, the
+  generated samples; one ``INFO`` record each, at the start of fit (the samples at each validation).
 
 They print on rank 0 only. Like Lightning's own logger, the ``lightning_memopt`` logger is set to ``INFO`` and, when
 the root logger has no handler when the package is imported, gets one that writes the bare message to ``sys.stderr``

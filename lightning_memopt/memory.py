@@ -40,6 +40,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import logging
 import os
 import sys
 import warnings
@@ -50,12 +51,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_memopt.compat import is_fake, storage_key
+from lightning_memopt.log import get_logger, rank_zero_log
 from lightning_memopt.optimizers import (
     frees_gradients,
     local_tensor,
@@ -78,6 +79,8 @@ __all__ = [
     "predict_memory",
     "reset_peak_rss",
 ]
+
+_log = get_logger("memory")
 
 _MIB = 2**20
 
@@ -634,7 +637,7 @@ class MemoryReport(Callback):
             return
         self.report = self._summary(trainer, pl_module)
         if trainer.is_global_zero:
-            rank_zero_info(format_report(self.report))
+            rank_zero_log(_log, logging.INFO, format_report(self.report))
             if self.filename is not None:
                 path = Path(log_dir) / self.filename
                 path.parent.mkdir(parents=True, exist_ok=True)

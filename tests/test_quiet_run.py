@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from models import LlamaModule, trainer_kwargs
 
-from lightning_memopt import BAdamStrategy, BlockSwitch
+from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport
 from lightning_memopt.callbacks.block_switch import block_label
 
 STEPS, EVERY, LAYERS = 13, 2, 3  # 3 blocks, a pass every 6 steps: passes end at steps 6 and 12, switches every 2
@@ -131,7 +131,7 @@ def test_the_console_of_a_fresh_process(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import lightning as L
         from models import LlamaModule, trainer_kwargs
-        from lightning_memopt import BAdamStrategy, BlockSwitch
+        from lightning_memopt import BAdamStrategy, BlockSwitch, MemoryReport
 
         def fit():
             trainer = L.Trainer(strategy=BAdamStrategy(), precision="bf16-true", max_steps={STEPS},
@@ -152,3 +152,12 @@ def test_the_console_of_a_fresh_process(tmp_path):
     assert len(ours) == 4, ours  # start, blocks and memory, two passes
     assert "BAdam" not in proc.stdout
     assert sum("switched to" in line for line in debug.splitlines()) == STEPS // EVERY
+
+
+def test_the_memory_table_goes_to_the_package_logger_once(tmp_path, package_log, capsys):
+    _fit(tmp_path, callbacks=[MemoryReport(every_n_steps=4, filename=None)])
+    tables = [r for r in package_log.records if r.getMessage().startswith("Memory at step")]
+    assert [(r.name, r.levelno) for r in tables] == [("lightning_memopt.memory", logging.INFO)]
+    assert "optimizer state" in tables[0].getMessage()
+    printed = capsys.readouterr()
+    assert "Memory at step" not in printed.out + printed.err

@@ -104,11 +104,11 @@ def generated_run(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("sampled")
     samples, snapshots, trainable = SampleGeneration(PROMPTS, max_new_tokens=MAX_NEW), Snapshots(), Trainable()
     handler = _Records()
-    logging.getLogger("lightning.pytorch").addHandler(handler)
+    logging.getLogger("lightning_memopt").addHandler(handler)
     try:
         module, trainer = _fit(root, model_dir, [trainable, samples, snapshots])
     finally:
-        logging.getLogger("lightning.pytorch").removeHandler(handler)
+        logging.getLogger("lightning_memopt").removeHandler(handler)
     return module, trainer, samples, snapshots, trainable, handler.messages
 
 

@@ -8,6 +8,7 @@ tensors (fewer than ``min_8bit_size`` values) and the parameters asked for keep 
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from packaging.version import Version
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -26,6 +27,7 @@ from typing_extensions import override
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.compat import OPTIMIZER_STEP_HOOK_ATTRS, child_schedulers, track_step_called
+from lightning_memopt.log import get_logger, rank_zero_log
 from lightning_memopt.optimizers import (
     BNB_INSTALL,
     SUPPORTED_OPTIMIZERS,
@@ -45,6 +47,8 @@ __all__ = [
     "to_eight_bit",
     "to_torchao",
 ]
+
+_log = get_logger("eight_bit")
 
 # 8-bit optimizers on the CPU arrived in 0.50, and so did the lookup of per-parameter overrides by parameter identity
 # (bitsandbytes#1269, fixed by #1869): before, `override_config` was silently ignored once the optimizer existed.
@@ -505,9 +509,11 @@ class EightBitState(Callback):
 
         if self.backend == "torchao":
             names = ", ".join(f"{type(o).__name__} -> {type(n).__name__}" for o, n in swapped)
-            rank_zero_info(
+            rank_zero_log(
+                _log,
+                logging.INFO,
                 f"EightBitState: {names} (torchao, {self.bits}-bit state for tensors of >= 4096 values; each "
-                "parameter shape compiles on its first step)"
+                "parameter shape compiles on its first step)",
             )
             return
         self._kept = self._resolve_kept(pl_module)
@@ -523,9 +529,11 @@ class EightBitState(Callback):
             f"{type(o).__name__} -> {type(n).__name__}" if n is not o else f"{type(o).__name__} (kept)"
             for o, n in swapped
         )
-        rank_zero_info(
+        rank_zero_log(
+            _log,
+            logging.INFO,
             f"EightBitState: {names}; 32-bit state for tensors under {self.min_8bit_size} values"
-            + (f" and {len(self._kept)} kept parameters (e.g. {self._kept[0]!r})" if self._kept else "")
+            + (f" and {len(self._kept)} kept parameters (e.g. {self._kept[0]!r})" if self._kept else ""),
         )
 
     @override
@@ -567,9 +575,11 @@ def _load_tensor_subclasses(trainer: Trainer) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
-        rank_zero_info(
+        rank_zero_log(
+            _log,
+            logging.INFO,
             "EightBitState(backend='torchao'): checkpoints are written and read by AtomicCheckpointIO, which can "
-            "load torchao's quantised optimizer state (Lightning's default loader cannot)."
+            "load torchao's quantised optimizer state (Lightning's default loader cannot).",
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -12,13 +13,16 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_memopt.data import load_tokenizer
+from lightning_memopt.log import get_logger, rank_zero_log
 
 __all__ = ["STOP_REASONS", "SampleGeneration", "greedy_generate"]
+
+_log = get_logger("sample_generation")
 
 StopReason = Literal["eos", "max_new_tokens", "max_length"]
 STOP_REASONS: tuple[StopReason, ...] = ("eos", "max_new_tokens", "max_length")
@@ -313,7 +317,7 @@ class SampleGeneration(Callback):
             prompt = sample["prompt"]
             shown = prompt if len(prompt) <= _PROMPT_SHOWN else prompt[: _PROMPT_SHOWN - 3] + "..."
             lines.append(f"  [{i}] {shown!r} -> {sample['completion']!r}")
-        rank_zero_info("\n".join(lines))
+        rank_zero_log(_log, logging.INFO, "\n".join(lines))
         if self.filename is not None:
             path = Path(log_dir) / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)

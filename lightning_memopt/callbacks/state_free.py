@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_memopt.log import get_logger, rank_zero_log
 from lightning_memopt.precision import MasterGradScalerPrecision
 from lightning_memopt.rounding import stochastic_round
 from lightning_memopt.strategies.badam import block_strategy
 from lightning_memopt.strategies.collectives import all_reduce_mean
 
 __all__ = ["RULES", "StateFreeUpdates", "state_free_direction"]
+
+_log = get_logger("state_free")
 
 RULES = ("signsgd", "sgd")
 Rule = Literal["signsgd", "sgd"]
@@ -175,9 +179,11 @@ class StateFreeUpdates(Callback):
         # BlockSwitch activated the first block before this callback's on_fit_start)
         self._handle = strategy.register_activation_hook(self._on_activation, run_now=True)
         half = sum(self._params[n].numel() * self._params[n].element_size() for n in self._names)
-        rank_zero_info(
+        rank_zero_log(
+            _log,
+            logging.INFO,
             f"StateFreeUpdates: {self.rule} with lr_ratio={self.lr_ratio} on the inactive blocks; backward now runs "
-            f"through every block and their gradients take {half / 2**20:,.2f} MiB"
+            f"through every block and their gradients take {half / 2**20:,.2f} MiB",
         )
 
     def _on_activation(self, strategy: Any, index: int | None) -> None:
