@@ -26,7 +26,9 @@ from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy,
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     # sharded runs hold DTensors: compare the gathered full tensors (a collective: every rank calls it)
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    # torchao's quantised state: its values, as plain tensors (the codes and scales decide them)
+    return t.dequantize() if type(t).__module__.startswith("torchao") else t
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "galore", "flora"])
+    parser.add_argument(
+        "--optimizer", default="adamw", choices=["adamw", "sgd", "galore", "flora", "foam", "adamw4bit"]
+    )
     parser.add_argument("--overflow-rank", type=int, default=-1)
     parser.add_argument("--overflow-step", type=int, default=-1)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)

@@ -83,6 +83,14 @@ class LlamaModule(L.LightningModule):
             from flora_opt import Flora
 
             return Flora(self.parameters(), lr=self.lr, rank=4, beta1=0.9, kappa=2)
+        if self.optimizer_name == "foam":  # blocks of 4 values per row
+            from lightning_memopt.optim import FOAM
+
+            return FOAM(self.parameters(), lr=self.lr, fold_level=2, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adamw4bit":  # torchao's 4-bit state
+            from torchao.optim import AdamW4bit
+
+            return AdamW4bit(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         raise ValueError(self.optimizer_name)
 
 
