@@ -43,9 +43,6 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A ``StreamHandler`` on whatever ``sys.stderr`` is when a record is written, not when the handler was made: a
     progress bar that redirects it (Rich's live display) then prints the line above the bar instead of through it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self) -> TextIO:
         return sys.stderr
