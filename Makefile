@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint typecheck unit bench bench-comm bench-finetune bench-scale selfcheck clean
+.PHONY: install quickstart test lint typecheck docs docs-serve unit dist-check bench bench-comm bench-finetune bench-scale selfcheck clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +21,27 @@ quickstart: $(STAMP)
 	$(BIN)/lightning-memopt fit --config recipes/quickstart.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_memopt tests
-	$(BIN)/ruff format --check lightning_memopt tests
+	$(BIN)/ruff check lightning_memopt tests tools
+	$(BIN)/ruff format --check lightning_memopt tests tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy lightning_memopt
 
+# the documentation site, strictly: a broken link or anchor, a missing reference or a docstring it cannot parse fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 unit: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
-test: lint typecheck unit
+test: lint typecheck docs unit
+
+# build the sdist and wheel, twine-check them, install the wheel into a fresh venv outside the tree and run it
+dist-check: $(STAMP)
+	$(BIN)/python tools/dist_check.py --torch "$(TORCH_SPEC)"
 
 bench: $(STAMP)
 	$(BIN)/python -m lightning_memopt.bench --out bench_results
@@ -50,4 +61,4 @@ selfcheck: $(STAMP)
 	$(BIN)/python -m lightning_memopt.selfcheck --json selfcheck.json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache lightning_logs site dist

@@ -48,7 +48,18 @@ GRANULARITIES: tuple[str, ...] = ("layer", "module", "matrix")
 
 
 class BlockPartitionError(ValueError):
-    """The parameters cannot be split into blocks as asked; the message says what to change."""
+    """The parameters cannot be split into blocks as asked; the message says what to change.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_memopt.blocks import BlockPartitionError, partition
+        >>> try:
+        ...     partition(nn.Linear(2, 2), block_prefixes=["decoder."])
+        ... except BlockPartitionError as error:
+        ...     print(type(error).__name__)
+        BlockPartitionError
+    """
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,15 @@ def _join(*parts: str) -> str:
 
 
 def find_embedding_params(module: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-    """Names of the parameters of ``nn.Embedding`` modules outside the ``exclude`` prefixes (the layer containers)."""
+    """Names of the parameters of ``nn.Embedding`` modules outside the ``exclude`` prefixes (the layer containers).
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_memopt.blocks import find_embedding_params
+        >>> find_embedding_params(nn.ModuleDict({"tok": nn.Embedding(10, 4), "proj": nn.Linear(4, 4)}))
+        ['tok.weight']
+    """
     names: list[str] = []
     for path, sub in module.named_modules():
         if isinstance(sub, nn.Embedding) and not any(matches_prefix(path, ex) for ex in exclude):
@@ -150,6 +169,14 @@ def find_lm_head_params(module: nn.Module, exclude: Sequence[str] = (), tied: bo
     Hugging Face models report it through ``get_output_embeddings()``; otherwise a ``Linear`` named ``lm_head`` or one
     that projects onto the vocabulary of the model's largest ``nn.Embedding`` counts. A weight shared with an
     embedding (a tied head) is the embedding's and left out, unless ``tied=True``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_memopt.blocks import find_lm_head_params
+        >>> model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "lm_head": nn.Linear(4, 10, bias=False)})
+        >>> find_lm_head_params(model)
+        ['lm_head.weight']
     """
     by_id = {id(m): path for path, m in module.named_modules()}
     heads: list[str] = []

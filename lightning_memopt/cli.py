@@ -2,18 +2,23 @@
 
 Run a recipe with ``lightning-memopt fit --config recipes/quickstart.yaml`` (or ``python -m lightning_memopt``);
 any key can be overridden on the command line, e.g. ``--trainer.max_steps 100``. ``lightning-memopt export CKPT OUT``
-writes a checkpoint as a Hugging Face model directory or a safetensors file (:mod:`lightning_memopt.export`).
+writes a checkpoint as a Hugging Face model directory or a safetensors file (:mod:`lightning_memopt.export`);
+``lightning-memopt recipes`` lists the shipped recipes and ``lightning-memopt recipes copy NAME DIR`` writes one out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from functools import partial, update_wrapper
+from importlib import import_module
 from types import MethodType
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,15 +29,17 @@ from typing_extensions import override
 
 # Lightning 2.6 does not discover third-party strategies: importing the package registers `badam` and friends, so
 # `trainer.strategy: badam` resolves in a recipe.
-import lightning_memopt  # noqa: F401
+import lightning_memopt
 from lightning_memopt.low_rank import LowRankOptions, install_galore_shims, low_rank_param_groups
 from lightning_memopt.optimizers import is_galore, optimizer_name
 
-__all__ = ["MemoptCLI", "main"]
+__all__ = ["MemoptCLI", "main", "quiet_library_noise"]
 
 _DESCRIPTION = (
     "Memory-efficient full-parameter fine-tuning with PyTorch Lightning (BAdam and friends). "
-    "`lightning-memopt export CKPT OUT` turns a checkpoint into a Hugging Face model or a safetensors file."
+    "`lightning-memopt export CKPT OUT` turns a checkpoint into a Hugging Face model or a safetensors file; "
+    "`lightning-memopt recipes` lists the shipped recipes (`recipes copy NAME DIR` writes one out to edit); "
+    "`lightning-memopt --version` prints the version."
 )
 
 
@@ -155,39 +162,84 @@ def _with_current_parameters(generated: partial[Any], names: dict[int, str]) -> 
     return configure_optimizers
 
 
+class _DropRecords(logging.Filter):
+    """Drop the log records whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_library_noise() -> None:
+    """Silence console lines of other libraries that a recipe run can neither act on nor needs (the CLI only; the
+    Python API leaves them alone; ``docs/concepts.md`` lists them):
+
+    - Lightning's ``💡 Tip:`` advertisements for its cloud products (two per fit);
+    - Lightning's own deprecated use of torch's pytree API (``isinstance(treespec, LeafSpec)``);
+    - LightningCLI's note that the ``optimizer:`` section overrides :class:`~lightning_memopt.lm.CausalLM`'s own
+      ``configure_optimizers`` (the fallback for a recipe without one, by design);
+    - on a machine without CUDA, torchao's failures to load its CUDA kernels (transformers imports torchao when it is
+      installed) and torch's deprecation notes about how torchao registers its enums.
+
+    Example::
+
+        >>> quiet_library_noise()  # what `lightning-memopt fit` does first
+    """
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropRecords) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropRecords("\N{ELECTRIC LIGHT BULB} Tip:"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # CausalLM's own configure_optimizers is the fallback for a recipe without an optimizer: section, by design
+    warnings.filterwarnings("ignore", message=r"`CausalLM\.configure_optimizers` will be overridden by")
+    if not torch.cuda.is_available():
+        for name, fragment in (("torchao", "Failed to load"), ("torch.utils._pytree", "register_constant() on Enum")):
+            target = logging.getLogger(name)
+            if not any(isinstance(f, _DropRecords) for f in target.filters):
+                target.addFilter(_DropRecords(fragment))
+
+
+# this package's own subcommands: the module whose `main(argv) -> int | None` runs each
+_SUBCOMMANDS = {
+    "export": "lightning_memopt.export",
+    "estimate": "lightning_memopt.estimate",
+    "plot": "lightning_memopt.plot",
+    "recipes": "lightning_memopt.recipes",
+}
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-memopt`` and ``python -m lightning_memopt``.
 
-    ``export``, ``estimate`` and ``plot`` are this package's own subcommands (see :mod:`lightning_memopt.export`,
-    :mod:`lightning_memopt.estimate` and :mod:`lightning_memopt.plot`); everything else goes to LightningCLI
+    ``export``, ``estimate``, ``plot`` and ``recipes`` are this package's own subcommands (see
+    :mod:`lightning_memopt.export`, :mod:`lightning_memopt.estimate`, :mod:`lightning_memopt.plot` and
+    :mod:`lightning_memopt.recipes`); everything else goes to LightningCLI
     (``fit``, ``validate``, ``test``, ``predict``).
+
+    ``lightning-memopt --version`` prints the installed version.
 
     Example::
 
         >>> main(["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_steps", "10"])  # doctest: +SKIP
+        >>> main(["recipes", "copy", "quickstart", "configs/"])  # doctest: +SKIP
         >>> main(["export", "last.ckpt", "exported/"])  # doctest: +SKIP
         >>> main(["estimate", "--model", "llama-3-8b", "--gpu-memory", "24GB"])  # doctest: +SKIP
         >>> main(["plot", "runs/quickstart"])  # doctest: +SKIP
     """
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, (list, tuple)) and argv[:1] == ["export"]:
+    words = [str(word) for word in argv] if isinstance(argv, (list, tuple)) else []  # not a parsed config dict
+    if words[:1] in (["--version"], ["-V"]):
+        print(f"lightning-memopt {lightning_memopt.__version__}")
+        return
+    command = _SUBCOMMANDS.get(words[0]) if words else None
+    if command is not None:
         # dispatched before LightningCLI parses argv: its parser knows only the Trainer's subcommands
-        from lightning_memopt.export import main as export_main
-
-        export_main(list(argv[1:]))
-        return
-    if isinstance(argv, (list, tuple)) and argv[:1] == ["estimate"]:
-        from lightning_memopt.estimate import main as estimate_main
-
-        code = estimate_main(list(argv[1:]))
+        code = import_module(command).main(words[1:])
         if code:
             raise SystemExit(code)
         return
-    if isinstance(argv, (list, tuple)) and argv[:1] == ["plot"]:
-        from lightning_memopt.plot import main as plot_main
-
-        code = plot_main(list(argv[1:]))
-        if code:
-            raise SystemExit(code)
-        return
+    quiet_library_noise()
     MemoptCLI(args=args)

@@ -54,7 +54,15 @@ _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "nod
 
 
 def default_corpus_paths() -> list[str]:
-    """The corpus used when none is given: the Python standard library's sources, present on every machine."""
+    """The corpus used when none is given: the Python standard library's sources, present on every machine.
+
+    Example::
+
+        >>> from lightning_memopt.data import default_corpus_paths
+        >>> import sysconfig
+        >>> default_corpus_paths() == [sysconfig.get_paths()["stdlib"]]
+        True
+    """
     return [sysconfig.get_paths()["stdlib"]]
 
 
@@ -151,6 +159,14 @@ def iter_documents(files: Sequence[Path], text_field: str = "text", max_bytes: i
 
     Reading stops once ``max_bytes`` bytes are collected, counting one byte per document boundary (the separator of
     the byte-level stream), and the last document is cut there; a huge corpus costs only what is kept.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> import lightning_memopt.data
+        >>> from lightning_memopt.data import iter_documents
+        >>> [len(document) for document in iter_documents([Path(lightning_memopt.data.__file__)], max_bytes=100)]
+        [100]
     """
     size = 0
     first = True

@@ -55,7 +55,17 @@ CHECKPOINT_FORMAT = 1
 
 
 class BlockEngineError(ValueError):
-    """A model, optimizer or checkpoint the engine cannot work with; the message names the fix."""
+    """A model, optimizer or checkpoint the engine cannot work with; the message names the fix.
+
+    Example::
+
+        >>> from lightning_memopt.engine import BlockEngineError
+        >>> try:
+        ...     raise BlockEngineError("the optimizer holds no parameter of the model: build it from the model")
+        ... except BlockEngineError as error:  # strategies raise it at setup, before any step
+        ...     print(str(error).split(":")[0])
+        the optimizer holds no parameter of the model
+    """
 
 
 def needs_master(param: Tensor) -> bool:

@@ -141,7 +141,16 @@ _GIB = 2**30
 
 
 class EstimateError(ValueError):
-    """The estimate cannot be made as asked (an unknown model, method or option); the message names the fix."""
+    """The estimate cannot be made as asked (an unknown model, method or option); the message names the fix.
+
+    Example::
+
+        >>> try:
+        ...     estimate("llama-3-8b", ["no-such-method"])
+        ... except EstimateError as error:
+        ...     print("no-such-method" in str(error))
+        True
+    """
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,12 @@ class Estimate:
     """The bytes one method needs, per rank, by category (see the module docstring for how each is found).
 
     ``fits`` is ``None`` unless a GPU memory size was given.
+
+    Example::
+
+        >>> row = estimate("llama-3-8b", ["badam"], seq_len=8, gpu_memory=24 * 10**9)[0]
+        >>> row.method, row.total > row.weights, row.fits
+        ('badam', True, True)
     """
 
     method: str
@@ -418,7 +433,8 @@ def estimate(
             arguments, or a Hugging Face config.
         methods: benchmark method names; ``None``: :data:`ESTIMATE_METHODS` less those the pack cannot run on
             ``devices`` (see :func:`unsupported`; naming one of those is an error).
-        seq_len, batch_size: tokens per sequence and sequences per micro-batch on each rank.
+        seq_len: tokens per sequence.
+        batch_size: sequences per micro-batch on each rank.
         devices: ranks; with ``sharded`` the weights, masters, gradients and state are split over them as FSDP2 does
             (``badam_fsdp``, or FSDP for the plain optimizers), otherwise each rank holds all of it (DDP).
         gradient_checkpointing: recompute each layer's activations in backward (``CausalLM(gradient_checkpointing=
@@ -550,7 +566,7 @@ def format_estimates(rows: Sequence[Estimate], gpu_memory: int | None = None) ->
 
         >>> row = Estimate("badam", "BAdam", "bf16-true", "badam", 2**31, 0, 2**28, 2**28, 2**29, 2**30, 2**32)
         >>> print(format_estimates([row]).splitlines()[2])
-        badam    2.00       0.25     0.25     0.50         1.00         4.00
+        badam      2.00     0.25   0.25        0.50         1.00   4.00
     """
     header = ("method", "weights", "masters", "grads", "opt. state", "activations", "total")
     table: list[tuple[str, ...]] = [
@@ -630,7 +646,13 @@ def _from_recipe(path: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-memopt estimate``: print the table (or ``--json``); see ``--help``."""
+    """``lightning-memopt estimate``: print the table (or ``--json``); see ``--help``.
+
+    Example::
+
+        >>> main(["--model", "llama-3-8b", "--methods", "badam", "--gpu-memory", "24GB"])  # doctest: +SKIP
+        0
+    """
     parser = argparse.ArgumentParser(
         prog="lightning-memopt estimate",
         description="Memory per GPU of fine-tuning a model with each method, from its config alone (meta device).",

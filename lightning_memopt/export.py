@@ -87,7 +87,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 class ExportError(ValueError):
-    """The checkpoint cannot be exported as asked; the message says what to pass instead."""
+    """The checkpoint cannot be exported as asked; the message says what to pass instead.
+
+    Example::
+
+        >>> try:
+        ...     export_checkpoint("last.ckpt", "out", format="onnx")
+        ... except ExportError as error:
+        ...     print(error)
+        format='onnx' is not known; choose 'auto', 'hf' or 'safetensors'.
+    """
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -241,6 +250,12 @@ def build_module(class_path: str, init_args: Mapping[str, Any], state_dict: Mapp
     """Construct ``class_path(**init_args)`` (a LightningModule subclass) and load ``state_dict`` into it, strictly.
 
     Nested ``class_path``/``init_args`` arguments are instantiated as LightningCLI does.
+
+    Example::
+
+        >>> checkpoint = load_checkpoint("last.ckpt")  # doctest: +SKIP
+        >>> class_path, init_args = module_spec(checkpoint)  # doctest: +SKIP
+        >>> module = build_module(class_path, init_args, checkpoint["state_dict"])  # doctest: +SKIP
     """
     from lightning.pytorch.cli import instantiate_module
 

@@ -124,6 +124,15 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     Raises:
         ValueError: naming ``file:line`` for bytes that are not UTF-8, invalid JSON or a line that is not an object,
             and for a file that holds one JSON array (as ``alpaca_data.json`` does) instead of JSON lines.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "train.jsonl"
+        >>> _ = path.write_text('{"instruction": "2+3?", "output": "5"}\\n\\n{"instruction": "Hi", "output": "Hi!"}\\n')
+        >>> [line for line, _ in read_records(path)]
+        [1, 3]
     """
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -380,6 +389,15 @@ def render_chat(
         ValueError: if a prefix of the conversation does not render as a prefix of the whole (the template changes
             earlier turns depending on later ones, e.g. by dropping reasoning), or the template rejects the
             conversation.
+
+    Example::
+
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tokenizer = AutoTokenizer.from_pretrained("/models/Meta-Llama-3-8B-Instruct")  # doctest: +SKIP
+        >>> text, spans = render_chat(tokenizer, [{"role": "user", "content": "Hi"},
+        ...                                       {"role": "assistant", "content": "Hello"}])  # doctest: +SKIP
+        >>> text[spans[0][0]:spans[0][1]]  # doctest: +SKIP
+        'Hello<|eot_id|>'
     """
 
     def render(turns: Sequence[Message], generation_prompt: bool) -> str:
@@ -665,6 +683,13 @@ def tokenize_files(
     Raises:
         ValueError: naming ``file:line`` for bad records, for an overlong sample under ``"error"``, and for a sample
             whose every response token lies beyond ``max_length`` under ``"truncate"``.
+
+    Example::
+
+        >>> encoder = ConversationEncoder(tokenizer)  # doctest: +SKIP
+        >>> samples, counts = tokenize_files([Path("train.jsonl")], encoder, max_length=2048)  # doctest: +SKIP
+        >>> counts["samples"], counts["truncated"]  # doctest: +SKIP
+        (52002, 31)
     """
     stats = {
         "samples": 0,

@@ -191,7 +191,16 @@ _compacting: RemovableHandle | None = None
 
 def compacts_projections() -> bool:
     """Whether :func:`install_galore_shims` has run: GaLore's FP32 projection matrices are then kept at ``r`` rows
-    (or columns) instead of the SVD factor they are a view of."""
+    (or columns) instead of the SVD factor they are a view of.
+
+    Example::
+
+        >>> import galore_torch
+        >>> install_galore_shims()  # importing lightning_memopt does it when galore_torch is loaded
+        True
+        >>> compacts_projections()
+        True
+    """
     return _compacting is not None
 
 

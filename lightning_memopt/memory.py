@@ -175,6 +175,14 @@ class MemoryPrediction:
     """What the analytic model expects per category, and the closed form (``2M + 16M/D``) with its value.
 
     Returned by :func:`predict_memory`; ``total`` is comparable with :attr:`MemoryBreakdown.total`.
+
+    Example::
+
+        >>> from torch import nn
+        >>> model = nn.Linear(100, 100, bias=False)
+        >>> prediction = predict_memory(model, [torch.optim.AdamW(model.parameters())])
+        >>> prediction.optimizer_state  # two FP32 moments of 10,000 values (and the step counter)
+        80004
     """
 
     weights: int

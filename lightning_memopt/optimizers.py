@@ -98,7 +98,16 @@ _TORCH_COUPLED = (
 
 
 def bitsandbytes_kernel(optimizer: Optimizer) -> str | None:
-    """The ``optimizer_name`` of a bitsandbytes optimizer (``"adam"`` for Adam8bit, AdamW, PagedAdamW32bit, ...)."""
+    """The ``optimizer_name`` of a bitsandbytes optimizer (``"adam"`` for Adam8bit, AdamW, PagedAdamW32bit, ...).
+
+    Example::
+
+        >>> import bitsandbytes as bnb
+        >>> bitsandbytes_kernel(bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(64, 64))]))
+        'adam'
+        >>> bitsandbytes_kernel(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])) is None
+        True
+    """
     name = getattr(optimizer, "optimizer_name", None)
     module = type(optimizer).__module__
     return name if isinstance(name, str) and module.startswith("bitsandbytes") else None
@@ -125,7 +134,15 @@ def optimizer_name(optimizer: Optimizer) -> str:
 
 
 def is_adafactor(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is an Adafactor (torch's or transformers'), which has all three stabilisers built in."""
+    """Whether ``optimizer`` is an Adafactor (torch's or transformers'), which has all three stabilisers built in.
+
+    Example::
+
+        >>> is_adafactor(torch.optim.Adafactor([torch.nn.Parameter(torch.zeros(4, 4))]))
+        True
+        >>> is_adafactor(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]))
+        False
+    """
     cls = type(optimizer)
     return cls.__name__ == "Adafactor" and cls.__module__.split(".")[0] in ("torch", "transformers")
 
@@ -140,17 +157,38 @@ def _family(optimizer: Optimizer, package: str, *names: str) -> bool:
 def is_galore(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` is one of ``galore-torch``'s (``GaLoreAdamW``, ``GaLoreAdafactor``, ``GaLoreAdamW8bit``),
     which project the gradients of the param groups that carry a ``rank`` (see
-    :func:`~lightning_memopt.low_rank_param_groups`)."""
+    :func:`~lightning_memopt.low_rank_param_groups`).
+
+    Example::
+
+        >>> is_galore(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]))
+        False
+    """
     return _family(optimizer, "galore_torch", "AdamW", "Adafactor", "AdamW8bit")
 
 
 def is_flora(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is ``flora_opt.Flora`` (FLORA: Adafactor with a random-projection-compressed momentum)."""
+    """Whether ``optimizer`` is ``flora_opt.Flora`` (FLORA: Adafactor with a random-projection-compressed momentum).
+
+    Example::
+
+        >>> is_flora(torch.optim.Adafactor([torch.nn.Parameter(torch.zeros(4, 4))]))
+        False
+    """
     return _family(optimizer, "flora_opt", "Flora")
 
 
 def is_torchao_low_bit(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is one of torchao's low-bit Adam/AdamW (4-bit, 8-bit or FP8 state)."""
+    """Whether ``optimizer`` is one of torchao's low-bit Adam/AdamW (4-bit, 8-bit or FP8 state).
+
+    Example::
+
+        >>> from torchao.optim import AdamW4bit  # doctest: +SKIP
+        >>> is_torchao_low_bit(AdamW4bit([torch.nn.Parameter(torch.zeros(256, 256))]))  # doctest: +SKIP
+        True
+        >>> is_torchao_low_bit(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]))
+        False
+    """
     return _family(optimizer, "torchao", "Adam4bit", "Adam8bit", "AdamFp8", "AdamW4bit", "AdamW8bit", "AdamWFp8")
 
 
@@ -172,7 +210,13 @@ def needs_whole_tensors(optimizer: Optimizer) -> str | None:
 
 def frees_gradients(optimizer: Optimizer) -> bool:
     """Whether ``optimizer.step()`` sets each stepped parameter's ``.grad`` to ``None`` itself (``flora_opt.Flora``
-    does), so no gradient outlives the step."""
+    does), so no gradient outlives the step.
+
+    Example::
+
+        >>> frees_gradients(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]))
+        False
+    """
     return is_flora(optimizer)
 
 
@@ -322,6 +366,13 @@ def _run_closure(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any
 
 # ---------------------------------------------------------------------------------------------------- bitsandbytes
 def import_bitsandbytes() -> ModuleType:
+    """``bitsandbytes`` with its optimizers imported, or a ``ModuleNotFoundError`` that names the install command.
+
+    Example::
+
+        >>> import_bitsandbytes().optim.AdamW8bit.__name__
+        'AdamW8bit'
+    """
     try:
         import bitsandbytes
         import bitsandbytes.optim
@@ -349,7 +400,13 @@ def is_eight_bit(optimizer: Optimizer) -> bool:
 
 # ------------------------------------------------------------------------------------------------ state sizes
 def local_tensor(tensor: Tensor) -> Tensor:
-    """This rank's part of ``tensor``: the local shard of a ``DTensor`` (``badam_fsdp``), else the tensor itself."""
+    """This rank's part of ``tensor``: the local shard of a ``DTensor`` (``badam_fsdp``), else the tensor itself.
+
+    Example::
+
+        >>> local_tensor(torch.ones(2)).tolist()  # not a DTensor: the tensor itself
+        [1.0, 1.0]
+    """
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
 
@@ -532,7 +589,14 @@ def optimizer_state_bytes(
 
 def predict_optimizer_state_bytes(optimizer: Optimizer) -> int | None:
     """Bytes of state ``optimizer`` keeps after a step for its parameters that require grad (bitsandbytes' shared
-    quantisation maps included); ``None`` when it holds an optimizer :func:`optimizer_state_bytes` does not know."""
+    quantisation maps included); ``None`` when it holds an optimizer :func:`optimizer_state_bytes` does not know.
+
+    Example::
+
+        >>> optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10, 10))])
+        >>> predict_optimizer_state_bytes(optimizer)  # two FP32 moments of 100 values (and the step counter)
+        804
+    """
     total = 0
     uses_qmap = False
     bnb_states = bnb_state_count(optimizer)
@@ -552,6 +616,17 @@ def predict_optimizer_state_bytes(optimizer: Optimizer) -> int | None:
 
 
 def bnb_state_count(optimizer: Optimizer) -> int | None:
+    """How many state tensors per parameter a bitsandbytes optimizer keeps (2 for Adam's moments, 1 for SGD's
+    momentum); ``None`` for any other optimizer, and for bitsandbytes' AdEMAMix, whose three states share a buffer.
+
+    Example::
+
+        >>> import bitsandbytes as bnb
+        >>> bnb_state_count(bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(64, 64))]))
+        2
+        >>> bnb_state_count(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])) is None
+        True
+    """
     if not type(optimizer).__module__.startswith("bitsandbytes"):
         return None
     names = {cls.__name__ for cls in type(optimizer).__mro__}
@@ -565,7 +640,13 @@ def bnb_state_count(optimizer: Optimizer) -> int | None:
 
 
 def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple[float, str]:
-    """Textbook state bytes per trained parameter for the closed form, and the optimizer's short name."""
+    """Textbook state bytes per trained parameter for the closed form, and the optimizer's short name.
+
+    Example::
+
+        >>> state_bytes_per_param(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), 4)
+        (8.0, 'AdamW')
+    """
     if optimizer is None:
         return 0.0, "none"
     bnb = bnb_state_count(optimizer)
@@ -686,7 +767,16 @@ def _bnb_same_keys(*keys: str) -> _Translate:
 
 def eight_bit_counterpart(optimizer: Optimizer, bnb: ModuleType) -> tuple[Any, _Translate]:
     """The bitsandbytes 8-bit class for ``optimizer``'s exact type and the function that translates one of its param
-    groups (or its ``defaults``) into that class's keyword arguments; ``TypeError`` for an unsupported optimizer."""
+    groups (or its ``defaults``) into that class's keyword arguments; ``TypeError`` for an unsupported optimizer.
+
+    Example::
+
+        >>> import bitsandbytes as bnb
+        >>> optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(64, 64))], lr=1e-3)
+        >>> cls, translate = eight_bit_counterpart(optimizer, bnb)
+        >>> cls.__name__, translate(optimizer.defaults, "the defaults")["lr"]
+        ('AdamW8bit', 0.001)
+    """
     torch_table: dict[type, tuple[str, _Translate]] = {
         torch.optim.Adam: ("Adam8bit", _adam),
         torch.optim.AdamW: ("AdamW8bit", _adamw),
@@ -714,7 +804,14 @@ def eight_bit_counterpart(optimizer: Optimizer, bnb: ModuleType) -> tuple[Any, _
 
 
 def bnb_group_keys(target: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The param-group keys bitsandbytes' ``target`` class stores for constructor arguments ``kwargs``."""
+    """The param-group keys bitsandbytes' ``target`` class stores for constructor arguments ``kwargs``.
+
+    Example::
+
+        >>> import bitsandbytes as bnb
+        >>> bnb_group_keys(bnb.optim.SGD8bit, {"lr": 0.1, "momentum": 0.9})["betas"][0]
+        0.9
+    """
     # bitsandbytes' constructors translate their keyword arguments into param-group keys (SGD8bit keeps momentum as
     # betas[0], RMSprop8bit alpha as betas[0]); an empty optimizer built with the group's arguments does that for us
     probe = target(params=[{"params": []}], **kwargs)

@@ -53,12 +53,28 @@ Series = dict[str, list[tuple[float, float]]]
 
 class PlotError(ValueError):
     """A run directory that cannot be plotted (no ``metrics.csv``, nothing plottable in it); the message says what to
-    pass instead."""
+    pass instead.
+
+    Example::
+
+        >>> try:
+        ...     find_run("no/such/run")
+        ... except PlotError as error:
+        ...     print("no/such/run" in str(error))
+        True
+    """
 
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The files of one run: its directory, ``metrics.csv``, and ``memory.json`` when ``MemoryReport`` wrote one."""
+    """The files of one run: its directory, ``metrics.csv``, and ``memory.json`` when ``MemoryReport`` wrote one.
+
+    Example::
+
+        >>> files, note = find_run("runs/quickstart")  # doctest: +SKIP
+        >>> files.metrics.name, files.memory is not None  # doctest: +SKIP
+        ('metrics.csv', True)
+    """
 
     directory: Path
     metrics: Path

@@ -161,3 +161,22 @@ def test_the_memory_table_goes_to_the_package_logger_once(tmp_path, package_log,
     assert "optimizer state" in tables[0].getMessage()
     printed = capsys.readouterr()
     assert "Memory at step" not in printed.out + printed.err
+
+
+def test_a_quickstart_run_prints_a_handful_of_lines(tmp_path):
+    """`lightning-memopt fit` on the quickstart recipe, as a user runs it: our start lines and the memory table, none
+    of the library noise the CLI filters (Lightning's tips, deprecations, torchao's CUDA-kernel loading on a CPU)."""
+    recipe = Path(__file__).parents[1] / "lightning_memopt" / "recipes" / "quickstart.yaml"
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "lightning_memopt", "fit", "--config", str(recipe)]
+    command += ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1"]
+    command += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(runs)]
+    command += ["--trainer.logger.init_args.save_dir", str(runs), "--data.init_args.max_bytes", "100000"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    for noise in ("Tip:", "LeafSpec", "will be overridden", "Failed to load", "register_constant", "┏"):
+        assert not any(noise in line for line in lines), (noise, lines)
+    assert sum(line.startswith("BAdam") for line in lines) == 2, lines  # where it starts; blocks and memory
+    assert any(line.startswith("Memory at step 4") for line in lines), lines
+    assert len(lines) <= 20, "\n".join(lines)

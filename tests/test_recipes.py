@@ -10,9 +10,13 @@ import pytest
 import yaml
 from lightning.pytorch.strategies import StrategyRegistry
 
+import lightning_memopt
 from lightning_memopt.cli import main
+from lightning_memopt.recipes import RecipeError, copy_recipe, list_recipes, recipe_path
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+PACKAGED = ROOT / "lightning_memopt" / "recipes"
+RECIPES = sorted(PACKAGED.glob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +34,62 @@ def _parsed(recipe: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -
 
 def test_the_documented_recipes_exist() -> None:
     assert {"quickstart.yaml", "llama3-8b-badam.yaml"} <= {recipe.name for recipe in RECIPES}
+
+
+def test_the_top_level_recipes_folder_is_the_packaged_one() -> None:
+    # one source of truth: readers browse recipes/, the wheel ships lightning_memopt/recipes/
+    assert (ROOT / "recipes").is_symlink()
+    assert (ROOT / "recipes").resolve() == PACKAGED.resolve()
+    assert list_recipes() == sorted(recipe.stem for recipe in RECIPES)
+    assert recipe_path("quickstart") == recipe_path("quickstart.yaml") == (PACKAGED / "quickstart.yaml").resolve()
+
+
+def test_an_unknown_recipe_names_the_closest_and_all(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"did you mean 'quickstart'\?.*llama3-8b-badam-sft.*quickstart"):
+        recipe_path("quickstrat")
+    with pytest.raises(RecipeError, match=r"No recipe named '\.\./quickstart'"):
+        recipe_path("../quickstart")
+    assert not list(tmp_path.iterdir())
+
+
+def test_copy_writes_the_recipe_and_keeps_an_existing_file(tmp_path: Path) -> None:
+    target = copy_recipe("quickstart", tmp_path / "configs")
+    assert target == tmp_path / "configs" / "quickstart.yaml"
+    assert target.read_bytes() == (PACKAGED / "quickstart.yaml").read_bytes()
+    target.write_text("# my edits\n")
+    with pytest.raises(RecipeError, match="already exists; pass --overwrite"):
+        copy_recipe("quickstart", tmp_path / "configs")
+    assert target.read_text() == "# my edits\n"
+    copy_recipe("quickstart", tmp_path / "configs", overwrite=True)
+    assert target.read_bytes() == (PACKAGED / "quickstart.yaml").read_bytes()
+
+
+def test_the_recipes_command_lists_and_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["recipes"])
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[: len(RECIPES)]] == list_recipes()
+    assert "quickstart             Quick check on a laptop CPU (about 3 minutes on 2 cores)" in listed
+    main(["recipes", "copy", "llama3-8b-badam-sft", str(tmp_path)])
+    assert (tmp_path / "llama3-8b-badam-sft.yaml").read_bytes() == (PACKAGED / "llama3-8b-badam-sft.yaml").read_bytes()
+    assert f"lightning-memopt fit --config {tmp_path / 'llama3-8b-badam-sft.yaml'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["recipes", "copy", "llama3-8b-badam-sft", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["recipes", "copy", "no-such", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "No recipe named 'no-such'" in capsys.readouterr().err
+
+
+def test_version_is_defined_once_and_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    main(["--version"])
+    assert capsys.readouterr().out == f"lightning-memopt {lightning_memopt.__version__}\n"
+    assert version("lightning-memopt") == lightning_memopt.__version__  # the installed metadata reads the same
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.stem for recipe in RECIPES])

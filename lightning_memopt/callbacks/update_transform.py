@@ -78,7 +78,14 @@ ORDER_STEP_SIZE = 20
 
 @dataclass
 class ParamUpdate:
-    """What a transform sees of one tensor's step (read-only; return a factor from ``scale`` instead)."""
+    """What a transform sees of one tensor's step (read-only; return a factor from ``scale`` instead).
+
+    Example::
+
+        >>> class ClipToOne(UpdateTransform):  # Adafactor's update clipping with d = 1, in two lines
+        ...     def scale(self, update: ParamUpdate) -> float:
+        ...         return 1.0 / max(1.0, update.update_rms)
+    """
 
     param: Tensor  #: the tensor after the optimizer's step
     group_index: int  #: index of its param group
@@ -89,7 +96,14 @@ class ParamUpdate:
 
 
 class StepContext:
-    """One optimizer step as the transforms see it in ``before_update`` and ``after_update``."""
+    """One optimizer step as the transforms see it in ``before_update`` and ``after_update``.
+
+    Example::
+
+        >>> class HalfLrOnFirstGroup(UpdateTransform):
+        ...     def before_update(self, step: StepContext) -> None:
+        ...         step.override(0, "lr", step.original(0, "lr") / 2)  # this step only; restored after it
+    """
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
@@ -133,6 +147,20 @@ class UpdateTransform:
 
     ``order`` fixes where its factor comes in: :data:`ORDER_BIAS_CORRECTION`, :data:`ORDER_CLIP`,
     :data:`ORDER_STEP_SIZE`. ``state_dict``/``load_state_dict`` carry what must survive a restart.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> optimizer = torch.optim.SGD([w], lr=0.1)
+        >>> class Double(UpdateTransform):
+        ...     def scale(self, update: ParamUpdate) -> float:
+        ...         return 2.0
+        >>> detach = UpdateTransforms.attach(optimizer, Double())
+        >>> w.grad = torch.ones(2)
+        >>> optimizer.step()
+        >>> w.detach()  # -2 * lr * grad
+        tensor([-0.2000, -0.2000])
+        >>> detach()
     """
 
     order: int = ORDER_CLIP
@@ -353,6 +381,17 @@ class TransformCallback(Callback, ABC):
     The rules are made at the first training batch, not in ``on_fit_start``: callbacks such as
     :class:`~lightning_memopt.callbacks.eight_bit.EightBitState` replace the optimizer there. Their state
     (``state_dict`` of each rule, by optimizer index) is saved in checkpoints.
+
+    Example::
+
+        >>> class Double(UpdateTransform):
+        ...     def scale(self, update: ParamUpdate) -> float:
+        ...         return 2.0
+        >>> class DoubleSteps(TransformCallback):  # Trainer(callbacks=[DoubleSteps()]) doubles every update
+        ...     def make_rule(self, optimizer: Optimizer) -> UpdateTransform:
+        ...         return Double()
+        >>> DoubleSteps().rules
+        []
     """
 
     def __init__(self) -> None:

@@ -55,7 +55,7 @@ class BlockOptions(TypedDict, total=False):
     """The block options every BAdam strategy takes, as keyword arguments (``BAdamStrategy(include_lm_head=True)``,
     or ``init_args`` in YAML); the defaults are in brackets.
 
-    Args:
+    Attributes:
         block_prefixes: explicit blocks, one entry per block: a dotted name prefix or a list of prefixes. ``None``
             [default] finds the repeated layers and makes one block per layer.
         block_regexes: explicit blocks as regular expressions (``re.search`` on parameter names), one per block
@@ -126,6 +126,13 @@ class BlockStrategy(Strategy):
     :meth:`register_activation_hook`. Nothing here knows about schedules: :class:`~lightning_memopt.BlockSwitch`
     calls :meth:`activate`. Subclasses set :attr:`engine_class` for what sharding changes and may override
     :meth:`_badam_after_closure` to communicate master gradients.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> class MyBAdam(BlockStrategy, SingleDeviceStrategy):  # what BAdamStrategy is, less its options
+        ...     pass
+        >>> # Trainer(strategy=MyBAdam(torch.device("cpu")), callbacks=[BlockSwitch(every=50)])
     """
 
     strategy_name: str

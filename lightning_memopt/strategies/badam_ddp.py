@@ -32,7 +32,7 @@ class DistributedOptions(BlockOptions, total=False):
     """The options of the data-parallel and sharded BAdam strategies: every :class:`BlockOptions` entry and these
     (defaults in brackets), all keyword arguments.
 
-    Args:
+    Attributes:
         process_group_backend: ``"nccl"`` (default on GPUs) or ``"gloo"`` (default on CPUs).
         timeout: process group timeout [30 minutes]: a rank that hangs makes the others fail after this long (one that
             dies usually makes them fail at once). Their error then says that another rank stopped and names this
@@ -67,6 +67,13 @@ class DistributedBlockStrategy(BlockStrategy, DDPStrategy):
     """The base of the BAdam strategies on several processes (``badam_ddp``, ``badam_fsdp``): Lightning's DDP process
     handling without its ``DistributedDataParallel`` wrapper, the options of :class:`DistributedOptions`, and an error
     that says which rank stopped when another rank is lost.
+
+    Example::
+
+        >>> from lightning_memopt import BAdamDDPStrategy
+        >>> isinstance(BAdamDDPStrategy(), DistributedBlockStrategy)
+        True
+        >>> # Trainer(strategy=BAdamDDPStrategy(), accelerator="gpu", devices=4, precision="bf16-true")
     """
 
     def __init__(self, **options: Unpack[DistributedOptions]) -> None:
