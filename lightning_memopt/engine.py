@@ -521,11 +521,23 @@ class ShardedBlockEngine(BlockEngine):
         return tensor
 
     def reshard_optimizer_state(self) -> None:
-        """Cut the full tensors of freshly loaded optimizer state into this rank's shards."""
+        """Cut the full tensors of freshly loaded optimizer state into this rank's shards: those of the parameter's
+        shape, and those laid out like it along its sharded dimensions (FOAM's moments, folded along the rows)."""
         for param, param_state in self.optimizer.state.items():
             for key, value in list(param_state.items()):
-                if isinstance(value, Tensor) and value.shape == param.shape:
+                if isinstance(value, Tensor) and _sharded_like(value, param):
                     param_state[key] = self.like(value, param)
+
+
+def _sharded_like(value: Tensor, param: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor, Shard
+
+    if value.shape == param.shape:
+        return True
+    if not isinstance(param, DTensor) or value.dim() != param.dim() or value.dim() == 0:
+        return False
+    sharded = {p.dim % param.dim() for p in param.placements if isinstance(p, Shard)}
+    return bool(sharded) and all(value.shape[d] == param.shape[d] for d in sharded)
 
 
 def _make_input_require_grad(

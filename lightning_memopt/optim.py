@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -332,6 +332,37 @@ def foam_state_bytes(param: Tensor, group: Mapping[str, Any]) -> int:
     return 2 * numel * torch.empty((), dtype=_wide(param.dtype)).element_size() + 4
 
 
+def _local(tensor: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _foam_moment(param: Tensor, block: int | None, dtype: torch.dtype) -> Tensor:
+    """A zero moment for ``param``: its shape with the last dimension folded in blocks of ``block``; for a
+    ``DTensor`` parameter a ``DTensor`` laid out like it (rows sharded as the parameter's), so checkpoints gather it.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    def folded(shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape) if block is None else (*shape[:-1], -(-shape[-1] // block))
+
+    if not isinstance(param, DTensor):
+        return torch.zeros(folded(param.shape), dtype=dtype, device=param.device)
+    last = param.dim() - 1
+    if block is not None and any(isinstance(p, Shard) and p.dim % param.dim() == last for p in param.placements):
+        raise ValueError(
+            f"FOAM folds each row of a tensor, but this one ({tuple(param.shape)}) is sharded along its rows' "
+            "dimension, so no rank holds whole rows. Shard along the first dimension (FSDP2's default, "
+            "badam_fsdp's) or give the tensor a param group with fold_level=None."
+        )
+    local = param.to_local()
+    shape = folded(param.shape)
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    zeros = torch.zeros(folded(local.shape), dtype=dtype, device=local.device)
+    return DTensor.from_local(zeros, param.device_mesh, param.placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
 class FOAM(Optimizer):
     """FOAM (Wen et al., "FOAM: Blocked State Folding for Memory-Efficient LLM Training", ICML 2026,
     arXiv 2512.07112): Adam whose moments are kept for block means of the gradient, with the residual restoring each
@@ -350,7 +381,9 @@ class FOAM(Optimizer):
     to Adam: give those a group with ``fold_level=None``. A row whose length is not a multiple of ``b`` ends in a
     partial block, folded to the mean of the elements it has (the authors' code pads it with zeros instead). State is
     FP32 (FP64 for FP64 parameters), also for half parameters, which are updated through an FP32 copy and rounded
-    once. Each tensor's step depends on that tensor alone, so the update in backward applies.
+    once. Each tensor's step depends on that tensor alone, so the update in backward applies; each row's on that row
+    alone, so a ``DTensor`` sharded by rows (FSDP2, ``badam_fsdp``) is stepped shard by shard, with its moments
+    sharded the same way.
 
     Args:
         params: parameters or param groups (``fold_level``, ``scale`` and ``residual_scale`` can be set per group).
@@ -442,19 +475,18 @@ class FOAM(Optimizer):
                 block = foam_block(param, group)
                 state = self.state[param]
                 if not state:
-                    shape = param.shape
-                    if block is not None:
-                        shape = (*param.shape[:-1], -(-param.shape[-1] // block))
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
-                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+                    state["exp_avg"] = _foam_moment(param, block, dtype)
+                    state["exp_avg_sq"] = _foam_moment(param, block, dtype)
                 state["step"] += 1
-                wide = param if param.dtype == dtype else param.to(dtype)
+                # a DTensor shard (badam_fsdp) holds whole rows: each rank steps its rows, and its moments' rows
+                local = _local(param)
+                wide = local if local.dtype == dtype else local.to(dtype)
                 foam_step(
                     wide,
-                    param.grad.to(dtype),
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
+                    _local(param.grad).to(dtype),
+                    _local(state["exp_avg"]),
+                    _local(state["exp_avg_sq"]),
                     int(state["step"].item()),
                     float(group["lr"]),
                     group["betas"],
@@ -464,6 +496,6 @@ class FOAM(Optimizer):
                     group["scale"] if block is not None else 1.0,
                     group["residual_scale"],
                 )
-                if wide is not param:
-                    param.copy_(wide)
+                if wide is not local:
+                    local.copy_(wide)
         return loss

@@ -317,6 +317,82 @@ def test_badam_ddp_ranks_stay_identical(tmp_path, optimizer):
         assert_same(r0["state"][i], r1["state"][i])
 
 
+@pytest.mark.xdist_group("ddp")
+@pytest.mark.parametrize("optimizer", ["foam", "adamw4bit"])
+def test_badam_fsdp_steps_as_one_device_does(tmp_path, optimizer):
+    from test_ddp import assert_same, launch
+
+    # FOAM folds rows and FSDP2 shards rows, so each rank steps its own rows exactly. torchao quantises a tensor of
+    # >= 4096 values and decides on the local shard, hence 128 wide: 64 x 128 rows per rank, quantised on both sides
+    hidden = "128" if optimizer == "adamw4bit" else "32"
+    common = ["--optimizer", optimizer, "--layers", "4", "--every", "2", "--steps", "6", "--lr", "3e-3"]
+    common += ["--hidden", hidden, "--precision", "32-true", "--order", "random"]
+    r0, r1 = launch(tmp_path / "fsdp", "--strategy", "badam_fsdp", "--batch-size", "2", *common)
+    (single,) = launch(tmp_path / "single", "--devices", "1", "--batch-size", "4", *common)
+    assert r0["world_size"] == 2 and r0["blocks"] == r1["blocks"] == single["blocks"]
+    assert_same(r0["weights"], r1["weights"])
+    assert_same(r0["masters"], r1["masters"])
+    initial = weights(LlamaModule(num_layers=4, hidden=int(hidden)))
+    moved = [n for n, w in r0["weights"].items() if not torch.equal(w, initial[n].to(w.dtype))]
+    assert {n.split(".")[3] for n in moved} == {str(b) for b in r0["blocks"]}
+    diffs = torch.cat([(r0["weights"][n] - single["weights"][n]).abs().flatten() for n in single["weights"]])
+    if optimizer == "foam":
+        assert diffs.max() < 1e-6  # the gradients' reduction order only; one step moves weights by ~3e-3
+        for i, state in r0["state"].items():  # the consolidated moments: the full folded shape, as on one device
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert state[key].shape == single["state"][i][key].shape
+                torch.testing.assert_close(state[key], single["state"][i][key], rtol=1e-4, atol=1e-9)
+    else:
+        # 4-bit state rounds the reduction-order noise into a few different quantisation levels: a handful of
+        # elements differ (a shard-wise decision to keep 32-bit state, say, would change ~30% of them)
+        assert (diffs > 1e-4).float().mean() < 1e-3
+
+
+@pytest.mark.xdist_group("ddp")
+def test_badam_fsdp_resumes_foam_exactly(tmp_path):
+    from test_ddp import assert_same, launch
+
+    common = ["--strategy", "badam_fsdp", "--optimizer", "foam", "--order", "random", "--every", "3", "--layers", "3"]
+    common += ["--n", "16", "--lr", "3e-3"]
+    full = launch(tmp_path / "full", *common, "--steps", "8")
+    ckpt = tmp_path / "half.ckpt"
+    launch(tmp_path / "first", *common, "--steps", "4", "--ckpt-out", str(ckpt))
+    resumed = launch(tmp_path / "resumed", *common, "--steps", "8", "--ckpt-in", str(ckpt))
+    for a, b in zip(full, resumed, strict=True):
+        assert_same(a["weights"], b["weights"])
+        assert_same(a["masters"], b["masters"])
+        for i in a["state"]:
+            assert_same(a["state"][i], b["state"][i])
+
+
+def test_foam_refuses_a_tensor_sharded_along_its_rows(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from lightning_memopt.optim import FOAM
+
+        dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.ones(4, 8), mesh, [Shard(1)]))
+        w.grad = distribute_tensor(torch.ones(4, 8), mesh, [Shard(1)])
+        try:
+            FOAM([w], fold_level=1).step()
+        except ValueError as error:
+            print(error)
+        dist.destroy_process_group()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sharded along its rows' dimension" in proc.stdout and "fold_level=None" in proc.stdout
+
+
 def test_galore_projector_is_stashed_with_the_state_and_resumes(tmp_path):
     # keep_optimizer_state: block 0's moments and projector are stashed at the switch (step 3), written into the
     # checkpoint at step 4, and back in use at step 6
