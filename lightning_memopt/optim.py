@@ -360,7 +360,9 @@ def _foam_moment(param: Tensor, block: int | None, dtype: torch.dtype) -> Tensor
     shape = folded(param.shape)
     stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     zeros = torch.zeros(folded(local.shape), dtype=dtype, device=local.device)
-    return DTensor.from_local(zeros, param.device_mesh, param.placements, run_check=False, shape=torch.Size(shape), stride=stride)
+    return DTensor.from_local(
+        zeros, param.device_mesh, param.placements, run_check=False, shape=torch.Size(shape), stride=stride
+    )
 
 
 class FOAM(Optimizer):
