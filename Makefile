@@ -1,12 +1,12 @@
 # Two entry points: `make quickstart` and `make test`. Both build the same virtual environment.
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU build keeps CI and laptops fast; GPU users install their CUDA build of torch first (any torch>=2.4,<3 works).
+# The CPU build keeps CI and laptops fast; GPU users install their CUDA build of torch first (any torch>=2.11,<3 works).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint typecheck docs docs-serve unit dist-check bench bench-comm bench-finetune bench-scale selfcheck clean
+.PHONY: install quickstart test lint typecheck docs docs-serve unit dist-check floors-check bench bench-comm bench-finetune bench-scale selfcheck clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: lint typecheck docs unit
 # build the sdist and wheel, twine-check them, install the wheel into a fresh venv outside the tree and run it
 dist-check: $(STAMP)
 	$(BIN)/python tools/dist_check.py --torch "$(TORCH_SPEC)"
+
+# every `>=` floor of pyproject.toml installed exactly into a fresh venv, and the core tests run against them
+floors-check: $(STAMP)
+	$(BIN)/python tools/floors_check.py --torch "$(TORCH_SPEC)"
 
 bench: $(STAMP)
 	$(BIN)/python -m lightning_memopt.bench --out bench_results
