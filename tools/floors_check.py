@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # the core of the pack against the oldest libraries: strategies, CLI and recipes, memory, models, export, data,
