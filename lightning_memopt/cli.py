@@ -9,16 +9,13 @@ writes a checkpoint as a Hugging Face model directory or a safetensors file (:mo
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
-import warnings
 from collections.abc import Callable
 from functools import partial, update_wrapper
 from importlib import import_module
 from types import MethodType
 from typing import Any, Optional
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -30,10 +27,11 @@ from typing_extensions import override
 # Lightning 2.6 does not discover third-party strategies: importing the package registers `badam` and friends, so
 # `trainer.strategy: badam` resolves in a recipe.
 import lightning_memopt
+from lightning_memopt.compat import quiet_library_noise
 from lightning_memopt.low_rank import LowRankOptions, install_galore_shims, low_rank_param_groups
 from lightning_memopt.optimizers import is_galore, optimizer_name
 
-__all__ = ["MemoptCLI", "main", "quiet_library_noise"]
+__all__ = ["MemoptCLI", "main"]
 
 _DESCRIPTION = (
     "Memory-efficient full-parameter fine-tuning with PyTorch Lightning (BAdam and friends). "
@@ -160,46 +158,6 @@ def _with_current_parameters(generated: partial[Any], names: dict[int, str]) -> 
 
     update_wrapper(configure_optimizers, generated)  # keeps `is_overridden` seeing the CLI's method
     return configure_optimizers
-
-
-class _DropRecords(logging.Filter):
-    """Drop the log records whose message contains one of ``fragments``."""
-
-    def __init__(self, *fragments: str) -> None:
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not any(fragment in message for fragment in self.fragments)
-
-
-def quiet_library_noise() -> None:
-    """Silence console lines of other libraries that a recipe run can neither act on nor needs (the CLI only; the
-    Python API leaves them alone; ``docs/concepts.md`` lists them):
-
-    - Lightning's ``💡 Tip:`` advertisements for its cloud products (two per fit);
-    - Lightning's own deprecated use of torch's pytree API (``isinstance(treespec, LeafSpec)``);
-    - LightningCLI's note that the ``optimizer:`` section overrides :class:`~lightning_memopt.lm.CausalLM`'s own
-      ``configure_optimizers`` (the fallback for a recipe without one, by design);
-    - on a machine without CUDA, torchao's failures to load its CUDA kernels (transformers imports torchao when it is
-      installed) and torch's deprecation notes about how torchao registers its enums.
-
-    Example::
-
-        >>> quiet_library_noise()  # what `lightning-memopt fit` does first
-    """
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropRecords) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropRecords("\N{ELECTRIC LIGHT BULB} Tip:"))
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # CausalLM's own configure_optimizers is the fallback for a recipe without an optimizer: section, by design
-    warnings.filterwarnings("ignore", message=r"`CausalLM\.configure_optimizers` will be overridden by")
-    if not torch.cuda.is_available():
-        for name, fragment in (("torchao", "Failed to load"), ("torch.utils._pytree", "register_constant() on Enum")):
-            target = logging.getLogger(name)
-            if not any(isinstance(f, _DropRecords) for f in target.filters):
-                target.addFilter(_DropRecords(fragment))
 
 
 # this package's own subcommands: the module whose `main(argv) -> int | None` runs each

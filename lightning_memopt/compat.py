@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +45,7 @@ __all__ = [
     "lightning_trainer",
     "nonfinite_flag",
     "parallel_devices",
+    "quiet_library_noise",
     "replace_buffer",
     "storage_key",
     "track_step_called",
@@ -199,3 +202,43 @@ def fake_tensor_mode() -> Iterator[Any]:
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
+
+
+class _DropRecords(logging.Filter):
+    """Drop the log records whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_library_noise() -> None:
+    """Silence console lines of other libraries that a recipe run can neither act on nor needs (the CLI only; the
+    Python API leaves them alone; ``docs/concepts.md`` lists them):
+
+    - Lightning's ``💡 Tip:`` advertisements for its cloud products (two per fit);
+    - Lightning's own deprecated use of torch's pytree API (``isinstance(treespec, LeafSpec)``);
+    - LightningCLI's note that the ``optimizer:`` section overrides :class:`~lightning_memopt.lm.CausalLM`'s own
+      ``configure_optimizers`` (the fallback for a recipe without one, by design);
+    - on a machine without CUDA, torchao's failures to load its CUDA kernels (transformers imports torchao when it is
+      installed) and torch's deprecation notes about how torchao registers its enums.
+
+    Example::
+
+        >>> quiet_library_noise()  # what `lightning-memopt fit` does first (lightning_memopt.cli.main)
+    """
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropRecords) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropRecords("\N{ELECTRIC LIGHT BULB} Tip:"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # CausalLM's own configure_optimizers is the fallback for a recipe without an optimizer: section, by design
+    warnings.filterwarnings("ignore", message=r"`CausalLM\.configure_optimizers` will be overridden by")
+    if not torch.cuda.is_available():
+        for name, fragment in (("torchao", "Failed to load"), ("torch.utils._pytree", "register_constant() on Enum")):
+            target = logging.getLogger(name)
+            if not any(isinstance(f, _DropRecords) for f in target.filters):
+                target.addFilter(_DropRecords(fragment))

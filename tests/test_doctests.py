@@ -18,6 +18,7 @@ NO_DOCTESTS = {
     "lightning_memopt.callbacks.beta2_schedule",
     "lightning_memopt.callbacks.relative_step",
     "lightning_memopt.callbacks.update_clipping",
+    "lightning_memopt.cli",
     "lightning_memopt.strategies.collectives",
 }
 
