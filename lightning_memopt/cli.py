@@ -30,6 +30,7 @@ import lightning_memopt
 from lightning_memopt.compat import quiet_library_noise
 from lightning_memopt.low_rank import LowRankOptions, install_galore_shims, low_rank_param_groups
 from lightning_memopt.optimizers import is_galore, optimizer_name
+from lightning_memopt.strategies.collectives import finish_distributed
 
 __all__ = ["MemoptCLI", "main"]
 
@@ -201,3 +202,4 @@ def main(args: ArgsType = None) -> None:
         return
     quiet_library_noise()
     MemoptCLI(args=args)
+    finish_distributed()  # a clean teardown on every rank, not at interpreter exit

@@ -35,6 +35,7 @@ from models import LlamaModule
 
 from lightning_memopt import BAdamStrategy, BlockSwitch
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.strategies.collectives import finish_distributed
 
 MAX_STEPS = 10
 EVERY = 3  # optimizer steps per block: step 4 is inside a block, step 6 starts one
@@ -178,3 +179,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_distributed()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_memopt import BAdamDDPStrategy, BAdamStrategy, BlockSwitch
 from lightning_memopt.callbacks.eight_bit import EightBitState
+from lightning_memopt.strategies.collectives import finish_distributed
 
 
 class StateDtypes(Callback):
@@ -133,3 +134,4 @@ def _trained(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 if __name__ == "__main__":
     main()
+    finish_distributed()

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import LlamaModule, token_loader
 
 from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, BlockSwitch, MemoryReport
+from lightning_memopt.strategies.collectives import finish_distributed
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -268,3 +269,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_distributed()

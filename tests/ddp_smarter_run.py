@@ -26,6 +26,7 @@ from models import LlamaModule, token_loader
 
 from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, BlockSwitch
 from lightning_memopt.callbacks.state_free import StateFreeUpdates
+from lightning_memopt.strategies.collectives import finish_distributed
 
 # what an in-process DDP Trainer (world size 1) leaves in os.environ would make the launched ranks reuse its port
 _LAUNCH_ENV_SCRUB = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
@@ -153,3 +154,4 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     run()
+    finish_distributed()

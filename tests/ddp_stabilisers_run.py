@@ -27,6 +27,7 @@ from lightning_memopt import BAdamDDPStrategy, BlockSwitch
 from lightning_memopt.callbacks.beta2_schedule import Beta2Schedule
 from lightning_memopt.callbacks.relative_step import RelativeStepSize
 from lightning_memopt.callbacks.update_clipping import UpdateClipping
+from lightning_memopt.strategies.collectives import finish_distributed
 
 
 class ShardedModule(LlamaModule):
@@ -117,3 +118,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_distributed()

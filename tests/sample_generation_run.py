@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_memopt.strategies.collectives import finish_distributed
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 CONVERSATIONS = [
@@ -132,3 +134,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_distributed()

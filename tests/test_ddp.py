@@ -140,3 +140,15 @@ def check_checkpointing_across_switches(tmp_path: Path, *strategy_args: str) -> 
 
 def test_gradient_checkpointing_under_badam_ddp(tmp_path):
     check_checkpointing_across_switches(tmp_path)
+
+
+def test_finish_distributed_destroys_the_process_group(tmp_path):
+    from lightning_memopt.strategies.collectives import finish_distributed
+
+    finish_distributed()  # no group: nothing to do
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    finish_distributed()
+    assert not dist.is_initialized()
+    finish_distributed()  # a second call is harmless

@@ -24,44 +24,27 @@ import csv
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from check_venv import ROOT, CheckFailed, fresh_venv, run, work_folder
+
 FIT_STEPS = 12
-
-
-class DistCheckError(RuntimeError):
-    """A release artefact misses something, or the installed wheel does not run."""
-
-
-def _run(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, label: str) -> str:
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    took = time.perf_counter() - started
-    if result.returncode != 0:
-        tail = (result.stdout + result.stderr)[-4000:]
-        raise DistCheckError(f"{label} failed (exit {result.returncode}): {' '.join(command)}\n{tail}")
-    print(f"  ok  {label} ({took:.0f} s)", flush=True)
-    return result.stdout + result.stderr
 
 
 def _source_version() -> str:
     text = (ROOT / "lightning_memopt" / "__init__.py").read_text(encoding="utf-8")
     match = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
     if match is None:
-        raise DistCheckError('lightning_memopt/__init__.py has no `__version__ = "..."` line')
+        raise CheckFailed('lightning_memopt/__init__.py has no `__version__ = "..."` line')
     return match.group(1)
 
 
 def _check_wheel(wheel: Path, version: str) -> None:
     if f"-{version}-" not in wheel.name:
-        raise DistCheckError(f"{wheel.name} does not carry version {version} (lightning_memopt.__version__)")
+        raise CheckFailed(f"{wheel.name} does not carry version {version} (lightning_memopt.__version__)")
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {f"lightning_memopt/recipes/{p.name}" for p in (ROOT / "lightning_memopt" / "recipes").glob("*.yaml")}
     wanted |= {"lightning_memopt/py.typed", "lightning_memopt/recipes/__init__.py"}
@@ -69,18 +52,18 @@ def _check_wheel(wheel: Path, version: str) -> None:
     if not any(n.endswith("/licenses/LICENSE") for n in names):
         missing.append("*.dist-info/licenses/LICENSE")
     if missing:
-        raise DistCheckError(f"the wheel lacks {', '.join(missing)}: check [tool.setuptools.package-data]")
+        raise CheckFailed(f"the wheel lacks {', '.join(missing)}: check [tool.setuptools.package-data]")
     print(f"  ok  wheel contents: {len(wanted) - 2} recipes, py.typed, LICENSE", flush=True)
 
 
 def _check_fit(run_dir: Path) -> None:
     metrics = sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"))
     if not metrics:
-        raise DistCheckError(f"the quickstart run wrote no metrics.csv under {run_dir}")
+        raise CheckFailed(f"the quickstart run wrote no metrics.csv under {run_dir}")
     with metrics[-1].open() as handle:
         losses = [float(row["train_loss"]) for row in csv.DictReader(handle) if row.get("train_loss")]
     if len(losses) < 2 or not all(map(math.isfinite, losses)) or not losses[-1] < losses[0]:
-        raise DistCheckError(f"the quickstart run's train_loss did not fall: {losses}")
+        raise CheckFailed(f"the quickstart run's train_loss did not fall: {losses}")
     print(f"  ok  quickstart fit: train_loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} logs", flush=True)
 
 
@@ -88,48 +71,45 @@ def check(torch_spec: str, work: Path) -> None:
     version = _source_version()
     dist, venv, scratch = work / "dist", work / "venv", work / "run"
     print(f"dist-check of lightning-memopt {version} in {work}", flush=True)
-    _run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], cwd=work, label="python -m build")
+    run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], cwd=work, label="python -m build")
     sdists, wheels = sorted(dist.glob("*.tar.gz")), sorted(dist.glob("*.whl"))
     if len(sdists) != 1 or len(wheels) != 1:
-        raise DistCheckError(f"expected one sdist and one wheel in {dist}, found {[p.name for p in dist.iterdir()]}")
-    _run([sys.executable, "-m", "twine", "check", "--strict", *map(str, sdists + wheels)], cwd=work, label="twine")
+        raise CheckFailed(f"expected one sdist and one wheel in {dist}, found {[p.name for p in dist.iterdir()]}")
+    run([sys.executable, "-m", "twine", "check", "--strict", *map(str, sdists + wheels)], cwd=work, label="twine")
     _check_wheel(wheels[0], version)
 
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=work, label="fresh venv")
-    python, bin_dir = venv / "bin" / "python", venv / "bin"
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    _run([*pip, "--upgrade", "pip"], cwd=work, label="pip upgrade")
-    _run([*pip, torch_spec], cwd=work, label=f"install {torch_spec}")
-    _run([*pip, f"{wheels[0]}[recipes]"], cwd=work, label="install the wheel with [recipes]")
+    python, pip = fresh_venv(work, torch_spec)
+    bin_dir = venv / "bin"
+    run([*pip, f"{wheels[0]}[recipes]"], cwd=work, label="install the wheel with [recipes]")
 
     scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     cli = str(bin_dir / "lightning-memopt")
-    where = _run(
-        [str(python), "-c", "import lightning_memopt; print(lightning_memopt.__file__)"],
+    where = run(
+        [python, "-c", "import lightning_memopt; print(lightning_memopt.__file__)"],
         cwd=scratch,
         env=env,
         label="import",
     ).strip()
     if not Path(where).is_relative_to(venv):
-        raise DistCheckError(f"lightning_memopt was imported from {where}, not from the fresh venv {venv}")
-    printed = _run([cli, "--version"], cwd=scratch, env=env, label="lightning-memopt --version").strip()
+        raise CheckFailed(f"lightning_memopt was imported from {where}, not from the fresh venv {venv}")
+    printed = run([cli, "--version"], cwd=scratch, env=env, label="lightning-memopt --version").strip()
     if printed != f"lightning-memopt {version}":
-        raise DistCheckError(f"`lightning-memopt --version` printed {printed!r}, expected 'lightning-memopt {version}'")
-    listed = _run([cli, "recipes"], cwd=scratch, env=env, label="lightning-memopt recipes")
+        raise CheckFailed(f"`lightning-memopt --version` printed {printed!r}, expected 'lightning-memopt {version}'")
+    listed = run([cli, "recipes"], cwd=scratch, env=env, label="lightning-memopt recipes")
     for recipe in (ROOT / "lightning_memopt" / "recipes").glob("*.yaml"):
         if recipe.stem not in listed:
-            raise DistCheckError(f"`lightning-memopt recipes` does not list {recipe.stem}:\n{listed}")
-    _run([cli, "recipes", "copy", "quickstart", "."], cwd=scratch, env=env, label="lightning-memopt recipes copy")
+            raise CheckFailed(f"`lightning-memopt recipes` does not list {recipe.stem}:\n{listed}")
+    run([cli, "recipes", "copy", "quickstart", "."], cwd=scratch, env=env, label="lightning-memopt recipes copy")
     source = ROOT / "lightning_memopt" / "recipes" / "quickstart.yaml"
     if (scratch / "quickstart.yaml").read_bytes() != source.read_bytes():
-        raise DistCheckError("the copied quickstart.yaml differs from lightning_memopt/recipes/quickstart.yaml")
+        raise CheckFailed("the copied quickstart.yaml differs from lightning_memopt/recipes/quickstart.yaml")
     fit = [cli, "fit", "--config", "quickstart.yaml", "--trainer.max_steps", str(FIT_STEPS)]
     fit += ["--trainer.val_check_interval", str(FIT_STEPS // 2), "--trainer.limit_val_batches", "2"]
     fit += ["--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false"]
     fit += ["--data.init_args.max_bytes", "400000"]
-    _run(fit, cwd=scratch, env=env, label=f"lightning-memopt fit --config quickstart.yaml ({FIT_STEPS} steps)")
+    run(fit, cwd=scratch, env=env, label=f"lightning-memopt fit --config quickstart.yaml ({FIT_STEPS} steps)")
     _check_fit(scratch / "runs" / "quickstart")
 
 
@@ -138,22 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch", default="torch==2.13.0", help="the torch requirement for the fresh venv")
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it; default: a temporary one")
     args = parser.parse_args(argv)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=False)
-        work = args.keep.resolve()
-    else:
-        work = Path(tempfile.mkdtemp(prefix="lightning-memopt-dist-"))
-    if work.is_relative_to(ROOT):
-        parser.error(f"{work} is inside the source tree; the point is to run outside it")
     started = time.perf_counter()
     try:
-        check(args.torch, work)
-    except DistCheckError as error:
+        with work_folder(args.keep, prefix="lightning-memopt-dist-") as work:
+            check(args.torch, work)
+    except CheckFailed as error:
         print(f"dist-check FAILED: {error}", file=sys.stderr)
         return 1
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
     print(f"dist-check passed in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import tomllib
+from check_venv import ROOT, CheckFailed, fresh_venv, run, work_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 # the core of the pack against the oldest libraries: strategies, CLI and recipes, memory, models, export, data,
 # 8-bit and compressed state, the update in backward, DDP and FSDP2
 TESTS = [
@@ -81,15 +78,6 @@ def floors(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
     return found
 
 
-def _run(command: list[str], *, cwd: Path, label: str) -> None:
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        print((result.stdout + result.stderr)[-6000:], file=sys.stderr)
-        raise SystemExit(f"floors-check FAILED: {label} (exit {result.returncode})")
-    print(f"  ok  {label} ({time.perf_counter() - started:.0f} s)", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch", default="torch==2.13.0", help="the torch requirement (default: the CPU build)")
@@ -97,26 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="*", default=TESTS, help="test files to run against the floors")
     args = parser.parse_args(argv)
     pins = [f"{name}=={version}" for name, version in sorted(floors().items())]
-    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="lightning-memopt-floors-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"floors-check in {work}: {args.torch} {' '.join(pins)}", flush=True)
     started = time.perf_counter()
     try:
-        venv = work / "venv"
-        python = str(venv / "bin" / "python")
-        pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        _run([sys.executable, "-m", "venv", str(venv)], cwd=work, label="fresh venv")
-        _run([*pip, "--upgrade", "pip"], cwd=work, label="pip upgrade")
-        _run([*pip, args.torch], cwd=work, label=f"install {args.torch}")
-        _run([*pip, *pins, "pytest", "pytest-xdist"], cwd=work, label="install the floors")
-        _run([*pip, "--no-deps", "-e", str(ROOT)], cwd=work, label="install the project")
-        # pip check: the floors are consistent with each other and with what the project asks for
-        _run([python, "-m", "pip", "check"], cwd=work, label="pip check")
-        pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup"]
-        _run([*pytest, *args.tests], cwd=ROOT, label=f"pytest {len(args.tests)} files against the floors")
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+        with work_folder(args.keep, prefix="lightning-memopt-floors-") as work:
+            print(f"floors-check in {work}: {args.torch} {' '.join(pins)}", flush=True)
+            python, pip = fresh_venv(work, args.torch)
+            run([*pip, *pins, "pytest", "pytest-xdist"], cwd=work, label="install the floors")
+            run([*pip, "--no-deps", "-e", str(ROOT)], cwd=work, label="install the project")
+            # pip check: the floors are consistent with each other and with what the project asks for
+            run([python, "-m", "pip", "check"], cwd=work, label="pip check")
+            pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup"]
+            run([*pytest, *args.tests], cwd=ROOT, label=f"pytest {len(args.tests)} files against the floors")
+    except CheckFailed as error:
+        print(f"floors-check FAILED: {error}", file=sys.stderr)
+        return 1
     print(f"floors-check passed in {time.perf_counter() - started:.0f} s")
     return 0
 

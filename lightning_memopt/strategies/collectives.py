@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean"]
+__all__ = ["all_reduce_mean", "finish_distributed"]
 
 
 def all_reduce_mean(tensors: Sequence[Tensor], world: int, cap_bytes: int, dtype: torch.dtype = torch.float32) -> None:
@@ -34,6 +34,26 @@ def all_reduce_mean(tensors: Sequence[Tensor], world: int, cap_bytes: int, dtype
             bucket, size = [], 0
     if bucket:
         _reduce(bucket, world, dtype)
+
+
+def finish_distributed() -> None:
+    """End this process's part of a multi-process run: wait for every rank, then destroy the process groups.
+
+    Call it once, at the very end of a script that ran a multi-device ``Trainer`` (``lightning-memopt fit`` does).
+    Lightning leaves the process group alive after ``fit`` and destroys it at interpreter exit; a gloo group whose
+    peer is already gone at that point can abort the process (``terminate called without an active exception``,
+    exit status -6) after the run itself succeeded. With every rank past the barrier first, each tears down while
+    the others are still connected. Does nothing in a single-process run.
+
+    Example::
+
+        trainer.fit(model)
+        finish_distributed()
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _reduce(bucket: list[Tensor], world: int, dtype: torch.dtype) -> None:
