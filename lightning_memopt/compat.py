@@ -41,6 +41,7 @@ __all__ = [
     "dynamo_recompile_limit",
     "enable_input_grad_hooks",
     "fake_tensor_mode",
+    "full_tensor",
     "is_fake",
     "lightning_trainer",
     "nonfinite_flag",
@@ -202,6 +203,43 @@ def fake_tensor_mode() -> Iterator[Any]:
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole of a sharded ``DTensor`` on every rank (a collective: every rank calls it), with nothing left in
+    flight; any other tensor as it is.
+
+    ``DTensor.full_tensor()`` gathers through torch's functional collectives, whose results are
+    ``AsyncCollectiveTensor`` wrappers waited on first use (``torch.distributed._functional_collectives``, torch 2.13).
+    For a tensor subclass that gathers its inner tensors itself (torchao 0.18's quantised optimizer state gathers its
+    codes and scales), the wrappers end up *inside* the subclass, where a no-op such as ``.cpu()`` on a CPU tensor never
+    waits: the collectives stay pending into the checkpoint, and a gloo group torn down with them can abort the
+    process (exit status -6). Here every inner result is waited before it is returned.
+
+    Example::
+
+        state = full_tensor(optimizer.state[param]["exp_avg"])  # under badam_fsdp: the unsharded moment
+    """
+    gather = getattr(tensor, "full_tensor", None)
+    if gather is None:
+        return tensor
+    return _waited(gather())
+
+
+def _waited(tensor: Tensor) -> Tensor:
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    if isinstance(tensor, AsyncCollectiveTensor):
+        return _waited(tensor.wait())
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return tensor
+    names, attributes = flatten()
+    inner = {name: getattr(tensor, name) for name in names}
+    if not any(isinstance(t, AsyncCollectiveTensor) for t in inner.values()):
+        return tensor
+    waited = {name: _waited(t) for name, t in inner.items()}
+    return type(tensor).__tensor_unflatten__(waited, attributes, tensor.shape, tensor.stride())
 
 
 class _DropRecords(logging.Filter):

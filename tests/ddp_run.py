@@ -22,12 +22,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import LlamaModule, token_loader
 
 from lightning_memopt import BAdamDDPStrategy, BAdamFSDPStrategy, BAdamStrategy, BlockSwitch, MemoryReport
+from lightning_memopt.compat import full_tensor
 from lightning_memopt.strategies.collectives import finish_distributed
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    # sharded runs hold DTensors: compare the gathered full tensors (a collective: every rank calls it)
-    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    # sharded runs hold DTensors: compare the gathered full tensors (a collective: every rank calls it), gathered as
+    # the strategy gathers them for a checkpoint
+    t = full_tensor(t)
     # torchao's quantised state: its values, as plain tensors (the codes and scales decide them)
     return t.dequantize() if type(t).__module__.startswith("torchao") else t
 

@@ -143,3 +143,55 @@ def test_nonfinite_flag_is_exact_and_leaves_the_values_alone():
     for bad in (float("inf"), -float("inf"), float("nan")):
         tensors[2][1, 1] = bad
         assert compat.nonfinite_flag(tensors).item() == 1.0
+
+
+_GATHER_SCRIPT = """
+import sys, warnings
+import torch, torch.distributed as dist
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torchao.optim.subclass_4bit import OptimState4bit
+from lightning_memopt.compat import full_tensor
+
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+mesh = init_device_mesh("cpu", (2,))
+torch.manual_seed(rank)
+values = torch.randn(64, 128)
+local = OptimState4bit.zeros((64, 128), signed=True, block_size=128, device="cpu")
+local.copy_(values)
+sharded = DTensor.from_local(local, mesh, [Shard(0)], shape=torch.Size((128, 128)), stride=(128, 1))
+whole = full_tensor(sharded)
+inner = [getattr(whole, name) for name in whole.__tensor_flatten__()[0]]
+pending = [type(t).__name__ for t in inner if isinstance(t, AsyncCollectiveTensor)]
+torch.save({"type": type(whole).__name__, "pending": pending, "shape": tuple(whole.shape),
+            "values": whole.dequantize(), "local": local.dequantize(), "plain": full_tensor(values) is values}, out)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_full_tensor_of_sharded_torchao_state_leaves_no_collective_in_flight(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "gather.py"
+    script.write_text(_GATHER_SCRIPT)
+
+    def rank_process(rank: int) -> subprocess.Popen:
+        command = [sys.executable, str(script), str(rank), str(tmp_path / "store"), str(tmp_path / f"{rank}.pt")]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [rank_process(rank) for rank in (0, 1)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+    assert not any("unwaited collective" in log for log in logs)
+    r0, r1 = (torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in (0, 1))
+    for r in (r0, r1):
+        # torchao's own gather leaves AsyncCollectiveTensor codes and scales inside the state; none are left here
+        assert r["type"] == "OptimState4bit" and r["shape"] == (128, 128)
+        assert r["pending"] == []
+        # the rows of each rank's shard, in rank order: the quantised values, not a re-quantisation of them
+        assert torch.equal(r["values"], torch.cat([r0["local"], r1["local"]]))
+    assert r0["plain"] and r1["plain"]  # a plain tensor comes back as it is

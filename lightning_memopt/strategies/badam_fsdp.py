@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import Unpack, override
 
+from lightning_memopt.compat import full_tensor
 from lightning_memopt.engine import ShardedBlockEngine
 from lightning_memopt.optimizers import needs_whole_tensors, optimizer_name
 from lightning_memopt.precision import MasterGradScalerPrecision
@@ -200,7 +201,7 @@ class BAdamFSDPStrategy(DistributedBlockStrategy):
 
 def _gather(obj: Any) -> Any:
     if isinstance(obj, DTensor):
-        return obj.full_tensor().cpu()
+        return full_tensor(obj).cpu()
     if isinstance(obj, dict):
         return {k: _gather(v) for k, v in obj.items()}
     if isinstance(obj, list):
