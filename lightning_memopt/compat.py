@@ -239,7 +239,8 @@ def _waited(tensor: Tensor) -> Tensor:
     if not any(isinstance(t, AsyncCollectiveTensor) for t in inner.values()):
         return tensor
     waited = {name: _waited(t) for name, t in inner.items()}
-    return type(tensor).__tensor_unflatten__(waited, attributes, tensor.shape, tensor.stride())
+    unflatten = type(tensor).__tensor_unflatten__  # type: ignore[attr-defined]
+    return unflatten(waited, attributes, tensor.shape, tensor.stride())
 
 
 class _DropRecords(logging.Filter):
