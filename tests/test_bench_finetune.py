@@ -32,6 +32,11 @@ def test_the_task_is_split_by_module_and_held_out_code_is_not_pretrained(tmp_pat
     assert all(80 <= len(r["output"].encode()) <= 300 and r["output"].startswith(("def ", "async def ")) for r in
                records["test"])  # fmt: skip
     assert make_task(tmp_path, TaskConfig()) == info  # built once, then read back
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    built = Path(info["dir"])
+    built.rename(moved / built.name)  # a cache moved elsewhere is found where it is now
+    assert make_task(moved, TaskConfig()) == {**info, "dir": str(moved / built.name)}
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     top_level = {Path(p).relative_to(stdlib).parts[0].removesuffix(".py") for p in pretraining_files()}
     assert not top_level & set(TEST_MODULES)
@@ -63,6 +68,54 @@ def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
     assert {t["target"] for t in results["targets"]} >= {"gain_vs_adam_equal_steps", "peak_vs_adam"}
     assert "| AdamW (bf16-mixed) |" in (out / "results.md").read_text()
     assert (out / "finetune_loss_steps.png").stat().st_size > 0 and (out / "finetune_loss_time.png").stat().st_size > 0
+
+    # --resume: the finished rows are kept (their runs untouched); a row whose record is gone runs again
+    logs = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("log.txt")}
+    assert len(logs) >= 3 and all(p.with_name("done.json").is_file() for p in logs)
+    lora_log = out / "runs" / "lora-r8" / "seed0" / "log.txt"
+    lora_log.with_name("done.json").unlink()
+    result = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    rerun = {p for p, mtime in logs.items() if p.stat().st_mtime_ns != mtime}
+    assert rerun == {lora_log}
+    for before, after in zip(results["rows"], again["rows"], strict=True):
+        if before["method"] != "lora-r8":
+            assert after["per_seed"] == before["per_seed"]
+    assert again["rows"][1]["trainable_params"] == lora["trainable_params"]
+
+
+def test_fp32_runs_the_base_and_every_row_in_32_true(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from lightning_memopt.bench.finetune import FinetuneConfig
+    from lightning_memopt.bench.finetune_data import BaseConfig
+
+    # a bf16 base cached before the option existed keeps its key; an FP32 one is another base
+    assert BaseConfig().key() == BaseConfig(precision="bf16-mixed").key() != BaseConfig(precision="32-true").key()
+    assert FinetuneConfig().for_method(FT_METHODS["lomo"]).precision == "bf16-true"
+    out = tmp_path / "out"
+    env = {**os.environ, "LIGHTNING_MEMOPT_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "lightning_memopt.bench", "finetune", "--quick", "--fp32", "--seeds", "0"]
+    command += ["--out", str(out), "--methods", "adamw-mixed,lora-r8,badam-fused", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["base"]["config"]["precision"] == "32-true" and not results["failed"]
+    labels = [r["label"] for r in results["rows"]]
+    assert labels == ["AdamW (32-true)", "LoRA r=8, all linear (32-true base)", "BAdam, update in backward (32-true)"]
+    for row in results["rows"]:
+        assert row["precision"] == "32-true"
+        # what the run held, not what it was told: 4 bytes per weight (bf16 would be 2), no masters to keep
+        weights = row["memory"]["weights"]
+        if row["kind"] == "lora":
+            assert weights >= 4 * results["base"]["parameters"]
+        else:
+            assert weights == 4 * results["base"]["parameters"] and row["memory"]["masters"] == 0
+    assert results["rows"][2]["memory"]["grads"] == 0  # the update in backward holds no gradient buffer
+    assert "| AdamW (32-true) |" in (out / "results.md").read_text()
+    config = replace(FinetuneConfig(), precision="32-true")
+    assert config.for_method(FT_METHODS["badam"]).label == "BAdam + AdamW (32-true)"
 
 
 def test_quick_sweep_reads_the_validation_split_and_keeps_the_best_setting(tmp_path: Path) -> None:

@@ -94,7 +94,18 @@ def _finetune_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute every row's decoder activations in backward (activations stop dominating the peak)",
     )
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="every row and the base's pretraining in 32-true (a CPU without bf16 matrix units: bf16 is ~35x slower "
+        "there); the losses compare the update rules, the memory columns describe FP32 weights",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a run is abandoned")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows that a stopped run with the same settings and --jobs finished in --out; run the rest",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -116,6 +127,8 @@ def _finetune(argv: Sequence[str], command: str) -> int:
     config = replace(config, split=args.split, lr=args.lr, every=args.every)
     if args.gradient_checkpointing:
         config = replace(config, gradient_checkpointing=True)
+    if args.fp32:
+        config = replace(config, precision="32-true", base=replace(config.base, precision="32-true"))
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     if args.base_hidden is not None:
@@ -126,7 +139,8 @@ def _finetune(argv: Sequence[str], command: str) -> int:
     if not seeds:
         raise SystemExit("--seeds is empty: give at least one seed, e.g. --seeds 0.")
     methods = [FT_METHODS[n] for n in names]
-    shared = {"jobs": args.jobs, "progress": not args.no_progress, "timeout_s": args.timeout, "command": command}
+    shared = {"jobs": args.jobs, "progress": not args.no_progress, "timeout_s": args.timeout, "command": command,
+              "resume": args.resume}  # fmt: skip
     if args.sweep:
         factors = [float(f) for f in args.lr_factors.split(",") if f.strip()]
         everys = [int(k) for k in args.everys.split(",") if k.strip()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -164,6 +165,9 @@ class FinetuneConfig:
         seed: model-independent seed: data order, BAdam's block order.
         threads: torch threads.
         lr, every: overrides of the method's lr and K (sweeps).
+        precision: every row's precision instead of its own, the base's pretraining's too (``--fp32``:
+            ``"32-true"``, for a CPU without bf16 matrix units, where a bf16 matrix product costs ~35x an FP32 one).
+            The losses then compare the update rules; the memory columns describe FP32 weights.
         base, task: the base model and the task.
     """
 
@@ -181,6 +185,7 @@ class FinetuneConfig:
     threads: int = 1
     lr: float | None = None
     every: int | None = None
+    precision: str | None = None
     base: BaseConfig = field(default_factory=BaseConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
 
@@ -193,15 +198,23 @@ class FinetuneConfig:
         return cls(**{**raw, "base": BaseConfig(**raw["base"]), "task": TaskConfig(**raw["task"])})
 
     def for_method(self, method: Method) -> Method:
-        """``method`` with this run's lr and K: the sweep's overrides, else the row's (K: else
+        """``method`` with this run's lr, K and precision: the overrides, else the row's (K: else
         :data:`FT_DEFAULT_EVERY`)."""
         if method.lr is None and self.lr is None:
             raise ValueError(f"Fine-tuning row {method.name!r} names no lr: give it one (the sweep's choice).")
-        return replace(
+        method = replace(
             method,
             lr=self.lr if self.lr is not None else method.lr,
             every=self.every or method.every or FT_DEFAULT_EVERY,
         )
+        if self.precision is None or self.precision == method.precision:
+            return method
+        label = re.sub(r"bf16-(true|mixed)", self.precision, method.label).replace(
+            "bf16 base", f"{self.precision} base"
+        )
+        if self.precision not in label:
+            label = f"{label} ({self.precision})"
+        return replace(method, precision=self.precision, label=label)
 
 
 class HeldOutCurve(Callback):
@@ -294,7 +307,8 @@ def run_finetune_row(
     # the data setup and the imports above can set a high-water mark the run itself never reaches
     reset_peak_rss()
     baseline = current_rss()
-    dtype = "float32" if method.precision.endswith("mixed") and method.kind != "lora" else "bfloat16"
+    full = method.precision == "32-true" or (method.precision.endswith("mixed") and method.kind != "lora")
+    dtype = "float32" if full else "bfloat16"
     assert method.lr is not None  # for_method guarantees it
     model = ScheduledLM(
         method.optimizer, method.lr, config.steps, config.warmup, model_path=base_dir, dtype=dtype,

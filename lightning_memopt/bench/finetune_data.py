@@ -156,7 +156,7 @@ def make_task(out: Path, config: TaskConfig | None = None) -> dict[str, Any]:
     out = Path(out) / config.key()
     info_file = out / "task.json"
     if info_file.is_file():
-        return json.loads(info_file.read_text())
+        return {**json.loads(info_file.read_text()), "dir": str(out)}  # where it is now: a cache can be moved
     splits: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
     for module, paths in _module_files().items():
         split = "test" if module in TEST_MODULES else "val" if module in VAL_MODULES else "train"
@@ -189,6 +189,8 @@ class BaseConfig:
     """The pretrained base model: a byte-level Llama and its AdamW pretraining on the standard library.
 
     The modules of the test set are left out of the pretraining corpus, so the held-out functions are new code.
+    ``precision`` is the pretraining's (``"32-true"`` on a CPU without fast bf16 matrix products: see
+    :attr:`~lightning_memopt.bench.finetune.FinetuneConfig.precision`).
     """
 
     layers: int = 16
@@ -203,9 +205,13 @@ class BaseConfig:
     clip: float = 1.0
     max_bytes: int = 8_000_000
     seed: int = 0
+    precision: str = "bf16-mixed"
 
     def key(self) -> str:
-        return _key({"base": asdict(self), "version": 2})
+        fields = asdict(self)
+        if self.precision == "bf16-mixed":  # the bases cached before there was a choice keep their key
+            del fields["precision"]
+        return _key({"base": fields, "version": 2})
 
     def with_width(self, hidden: int) -> BaseConfig:
         """The same base at another width (the model-size trend): MLP 2.75x wide, attention heads of 32 dimensions.
@@ -306,7 +312,7 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
     out = Path(out) / config.key()
     info_file = out / "base.json"
     if info_file.is_file():
-        return json.loads(info_file.read_text())
+        return {**json.loads(info_file.read_text()), "dir": str(out)}  # where it is now: a cache can be moved
 
     import torch
     from lightning.pytorch import seed_everything
@@ -328,7 +334,7 @@ def make_base(out: Path, config: BaseConfig | None = None, progress: bool = True
     skips = _SkipNonFiniteSteps()
     trainer = build_trainer(
         out,
-        "bf16-mixed",
+        config.precision,
         config.steps,
         [losses, skips],
         enable_progress_bar=progress,

@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,13 @@ def run_finetune(
     progress: bool = True,
     timeout_s: float | None = None,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Pretrain (or reuse) the base, build the task, run every method for every seed, write the results.
 
     ``jobs`` runs that many rows at once (each in its own process with ``config.threads`` threads): every row's step
-    time is then measured under the same kind of load, the reference's included.
+    time is then measured under the same kind of load, the reference's included. ``resume`` keeps the rows a stopped
+    run of the same settings (and ``jobs``) finished in ``out`` and runs only the others.
 
     Example::
 
@@ -80,7 +83,9 @@ def run_finetune(
     order = sorted(methods, key=lambda m: m.name != REFERENCE)  # the reference first: it sets the time budget
     plan = [(method, replace(config, seed=seed), out / "runs" / method.name / f"seed{seed}")
             for method in order for seed in seeds]  # fmt: skip
-    done = _run_many(plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, "fine-tuning benchmark")
+    run = partial(_run_many, base=base["dir"], task=task["dir"], jobs=jobs, timeout_s=timeout_s, failed=failed,
+                  progress=progress, resume=resume)  # fmt: skip
+    done = run(plan, desc="fine-tuning benchmark")
     runs: dict[str, list[dict[str, Any]]] = {}
     for (method, _, _), row in zip(plan, done, strict=True):
         if row is not None:
@@ -107,7 +112,7 @@ def run_finetune(
             row["equal_time_steps"] = steps
             longer_plan.append((FT_METHODS[name], longer, out / "runs" / name / f"seed{row['seed']}-equal-time"))
             longer_rows.append(row)
-    extras = _run_many(longer_plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, "equal-time reruns")
+    extras = run(longer_plan, desc="equal-time reruns")
     for row, extra in zip(longer_rows, extras, strict=True):
         row["equal_time_curve"] = extra["curve"] if extra else None
         row["final_loss_equal_time"] = extra["final_loss"] if extra else None
@@ -139,16 +144,19 @@ def _run_many(
     failed: list[dict[str, str]],
     progress: bool,
     desc: str,
+    resume: bool = False,
 ) -> list[dict[str, Any] | None]:
     """Run every ``(method, config, out)`` of ``plan`` in its own process, ``jobs`` at a time, in plan order; the
-    rows in plan order (``None`` for a failed run, recorded in ``failed``)."""
+    rows in plan order (``None`` for a failed run, recorded in ``failed``). ``resume``: a run finished earlier with
+    the same arguments and ``jobs`` is not run again (:func:`~lightning_memopt.bench.matrix.run_worker`)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}.")
     bar = tqdm(total=len(plan), desc=desc, disable=not progress or not plan, dynamic_ncols=True)
 
     def one(item: tuple[Method, FinetuneConfig, Path]) -> dict[str, Any] | None:
         method, run_config, where = item
-        row = run_worker(_worker_args(method, run_config, base, task, where), where, run_config.threads, timeout_s)
+        args = _worker_args(method, run_config, base, task, where)
+        row = run_worker(args, where, run_config.threads, timeout_s, reuse={"jobs": jobs} if resume else None)
         bar.set_postfix_str(f"{method.name} seed {run_config.seed}")
         bar.update()
         if row is None:
@@ -174,6 +182,7 @@ def run_finetune_sweep(
     progress: bool = True,
     timeout_s: float | None = None,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The settings sweep, on the **validation** split only: every method at ``lr x factor`` for each factor (and, for
     BAdam rows, each K in ``everys``, else its own K), one seed, equal steps. Writes ``sweep.json`` and ``sweep.md``
@@ -197,7 +206,8 @@ def run_finetune_sweep(
                 tag = f"lr{lr:g}" + (f"-K{k}" if method.kind == "badam" else "")
                 plan.append((method, replace(config, lr=lr, every=k), out / "runs" / method.name / tag))
     failed: list[dict[str, str]] = []
-    rows = _run_many(plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, "fine-tuning sweep (val)")
+    desc = "fine-tuning sweep (val)"
+    rows = _run_many(plan, base["dir"], task["dir"], jobs, timeout_s, failed, progress, desc, resume)
     runs = [
         {key: row[key] for key in ("method", "label", "kind", "lr", "every", "base_loss", "final_loss", "step_time_s")}
         for row in rows
@@ -285,6 +295,7 @@ def evaluate_finetune_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[st
     equal steps, and BAdam's peak memory vs AdamW mixed (<= 0.3x) and LoRA r = 64."""
     adam = _find(rows, REFERENCE)
     lora8, lora64 = _find(rows, "lora-r8"), _find(rows, "lora-r64")
+    reference = adam["label"] if adam else "AdamW (bf16-mixed)"  # AdamW (32-true) under --fp32
     targets: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float, lower_is_better: bool, detail: str) -> None:
@@ -307,13 +318,13 @@ def evaluate_finetune_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[st
         if row is None and suffix:
             continue
         add(f"gain_vs_adam_equal_steps{suffix}", ratio(gain(row), gain(adam)), 0.9, False,
-            f"{label} gain / AdamW bf16-mixed gain")  # fmt: skip
+            f"{label} gain / {reference} gain")  # fmt: skip
         add(f"gain_vs_adam_equal_time{suffix}", ratio(gain(row, "gain_equal_time"), gain(adam)), 1.0, False,
             f"{label} gain at AdamW's training time / AdamW's gain")  # fmt: skip
         add(f"gain_vs_lora_r8_equal_steps{suffix}", ratio(gain(row), gain(lora8)), 1.0, False,
             f"{label} gain / LoRA r=8 gain")  # fmt: skip
         add(f"peak_vs_adam{suffix}", ratio(peak(row), peak(adam)), 0.3, True,
-            f"peak above start, {label} / AdamW bf16-mixed")  # fmt: skip
+            f"peak above start, {label} / {reference}")  # fmt: skip
         add(f"peak_vs_lora_r64{suffix}", ratio(peak(row), peak(lora64)), 1.0, True,
             f"peak above start, {label} / LoRA r=64")  # fmt: skip
     return targets

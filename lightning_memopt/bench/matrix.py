@@ -24,14 +24,29 @@ __all__ = ["run_matrix", "run_subprocess", "run_worker"]
 
 
 def run_worker(
-    args: Sequence[str], out: Path, threads: int, timeout_s: float | None = None, result: str = "row.json"
+    args: Sequence[str],
+    out: Path,
+    threads: int,
+    timeout_s: float | None = None,
+    result: str = "row.json",
+    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run ``python -m lightning_memopt.bench <args>`` in a new interpreter with its output in ``out/log.txt``, and
     return the ``out/<result>`` JSON it wrote; ``None`` (with the reason in ``out/error.txt``) when it failed. Every
-    sub-benchmark (matrix, fine-tuning, communication) starts its rows through this one runner."""
+    sub-benchmark (matrix, fine-tuning, communication) starts its rows through this one runner.
+
+    ``reuse``: what else decides the row besides ``args`` and ``threads`` (the number of rows run at once, say). A
+    finished run records all three in ``out/done.json``; given ``reuse``, a run whose record matches returns its row
+    without running again (a benchmark that was stopped resumes where it was), and any other run starts afresh.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    row_file = out / result
+    row_file, done_file = out / result, out / "done.json"
+    record = {"args": list(args), "threads": threads, **(reuse or {})}
+    finished = reuse is not None and row_file.is_file() and done_file.is_file()
+    if finished and json.loads(done_file.read_text()) == record:
+        return json.loads(row_file.read_text())
     row_file.unlink(missing_ok=True)
+    done_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "lightning_memopt.bench", *args]
     # the OpenMP pool is sized when torch loads: set it before the import, not only with torch.set_num_threads
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -44,6 +59,7 @@ def run_worker(
         except subprocess.TimeoutExpired:
             code = None
     if code == 0 and row_file.exists():
+        done_file.write_text(json.dumps(record) + "\n")
         return json.loads(row_file.read_text())
     reason = "timed out" if code is None else f"exited with code {code}"
     (out / "error.txt").write_text(f"{reason}; see {log}")
