@@ -32,12 +32,13 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 from lightning_memopt.blocks import find_layer_lists, find_lm_head_params, matches_prefix
@@ -210,8 +211,16 @@ def install_galore_shims() -> bool:
     - Checkpoints: ``torch.load(weights_only=True)`` (Lightning's default for local checkpoints) may read GaLore's
       projector objects. ``GaLoreProjector`` holds only tensors, numbers and strings and defines no
       ``__setstate__``: unpickling it sets those attributes and runs no code of its own.
-    - Devices: ``GaLoreAdamW8bit`` steps only on CUDA (it calls ``torch.cuda.synchronize()``); elsewhere its first
-      step raises an error that says so, instead of torch's "Torch not compiled with CUDA enabled".
+    - ``GaLoreAdamW8bit``'s arguments: it passes ``percentile_clipping`` and ``block_wise`` to bitsandbytes by
+      position, and bitsandbytes 0.50 removed both, so they land on ``max_unorm`` (100: an update-norm check with an
+      extra state buffer per tensor) and ``skip_zeros`` (``True``: elements whose gradient is exactly zero keep their
+      moments and weight). The shim restores what the defaults meant (no clipping, no skipping) and refuses a
+      percentile clipping or ``block_wise=False``, which bitsandbytes no longer has.
+    - Devices: ``GaLoreAdamW8bit`` calls ``torch.cuda.synchronize()`` after each tensor's update; when none of its
+      parameters is on CUDA that call is skipped (bitsandbytes steps on the CPU since 0.50), so it runs on the CPU.
+    - Gradients: ``GaLoreAdamW8bit`` leaves each projected matrix's ``.grad`` set to the *projected* gradient (a
+      different shape from the parameter, which breaks gradient accumulation into it and BAdam's next step); the
+      gradient it was given is put back, as ``GaLoreAdamW`` and ``GaLoreAdafactor`` leave it.
     - Memory: for FP32 gradients (BAdam's masters, or FP32 training) galore-torch keeps the projection matrix as a
       *view* of the SVD factor: ``k x n`` values for an ``r x n`` projection, ``k = min(m, n)``; for a square 4096
       matrix at rank 128 that is 64 MiB instead of 2 MiB, half of plain Adam's state. After every step of a GaLore
@@ -235,21 +244,60 @@ def install_galore_shims() -> bool:
         torch.serialization.add_safe_globals([projector])
     if _compacting is None:
         _compacting = register_optimizer_step_post_hook(_compact_projections)
-        register_optimizer_step_pre_hook(_refuse_cuda_only_steps)
+    adamw8bit = getattr(sys.modules.get("galore_torch.adamw8bit"), "AdamW8bit", None)
+    if adamw8bit is not None and not getattr(adamw8bit, "_memopt_shimmed", False):
+        _shim_adamw8bit(adamw8bit)
     return True
 
 
-def _refuse_cuda_only_steps(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-    if not (is_galore(optimizer) and type(optimizer).__name__ == "AdamW8bit"):
-        return
-    devices = {p.device.type for g in optimizer.param_groups for p in g["params"]}
-    if devices - {"cuda"}:
-        # galore-torch 1.0's AdamW8bit calls torch.cuda.synchronize() in every step
-        raise RuntimeError(
-            f"galore_torch.GaLoreAdamW8bit runs on CUDA only (it synchronises CUDA in every step), but its parameters "
-            f"are on {', '.join(sorted(devices))}. Use galore_torch.GaLoreAdamW or GaLoreAdafactor here, or train on "
-            "a GPU."
-        )
+def _shim_adamw8bit(cls: type) -> None:
+    """The two fixes to galore-torch 1.0's ``AdamW8bit`` that :func:`install_galore_shims` describes."""
+    import inspect
+
+    from bitsandbytes.optim.optimizer import Optimizer2State
+
+    init, step = cls.__init__, cls.step  # type: ignore[misc,attr-defined]
+    signature = inspect.signature(init)
+    positions_shifted = "percentile_clipping" not in inspect.signature(Optimizer2State.__init__).parameters
+
+    @wraps(init)
+    def fixed_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        clipping, block_wise = bound.arguments["percentile_clipping"], bound.arguments["block_wise"]
+        if positions_shifted and (clipping != 100 or not block_wise):
+            raise ValueError(
+                f"GaLoreAdamW8bit(percentile_clipping={clipping}, block_wise={block_wise}): bitsandbytes 0.50 and "
+                "newer have no percentile clipping and always quantise block-wise, and galore-torch 1.0 would pass "
+                "these on as other options (max_unorm, skip_zeros). Leave both at their defaults."
+            )
+        init(self, *args, **kwargs)
+        if positions_shifted:  # what percentile_clipping=100 and block_wise=True meant: no clipping, no skipping
+            self.args.max_unorm = 0.0
+            self.args.skip_zeros = False
+
+    @wraps(step)
+    def fixed_step(self: Any, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:  # first, as galore-torch does: the gradients to put back are the closure's
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = {p: p.grad for g in self.param_groups if "rank" in g for p in g["params"]}
+        synchronize = torch.cuda.synchronize
+        if not any(p.device.type == "cuda" for p in params):
+            torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+        try:
+            step(self)
+            return loss
+        finally:
+            torch.cuda.synchronize = synchronize  # type: ignore[assignment]
+            for p, grad in grads.items():
+                p.grad = grad
+
+    cls.__init__ = fixed_init  # type: ignore[misc]
+    cls.step = fixed_step  # type: ignore[attr-defined]
+    cls._memopt_shimmed = True  # type: ignore[attr-defined]
 
 
 def _compact(matrix: Any) -> Any:

@@ -610,7 +610,10 @@ def predict_optimizer_state_bytes(optimizer: Optimizer) -> int | None:
             total += nbytes
             if bnb_states is not None:
                 config = optimizer.get_config(gi, pi, group)  # type: ignore[attr-defined]
-                uses_qmap = uses_qmap or (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"])
+                # GaLore's AdamW8bit keeps the moments at the projected shape
+                projection = galore_projection(tuple(p.shape), group) if is_galore(optimizer) else None
+                numel = p.numel() if projection is None else math.prod(projection[0])
+                uses_qmap = uses_qmap or (config["optim_bits"] == 8 and numel >= config["min_8bit_size"])
     # bitsandbytes: one quantisation map per state (signed, unsigned), shared by all the optimizer's 8-bit tensors
     return total + (bnb_states or 0) * _BNB_QMAP_BYTES * uses_qmap
 
@@ -627,9 +630,10 @@ def bnb_state_count(optimizer: Optimizer) -> int | None:
         >>> bnb_state_count(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])) is None
         True
     """
-    if not type(optimizer).__module__.startswith("bitsandbytes"):
+    # bitsandbytes' own classes, and subclasses of them elsewhere (galore-torch's AdamW8bit)
+    if not any(cls.__module__.startswith("bitsandbytes") for cls in type(optimizer).__mro__):
         return None
-    names = {cls.__name__ for cls in type(optimizer).__mro__}
+    names = {cls.__name__ for cls in type(optimizer).__mro__ if cls.__module__.startswith("bitsandbytes")}
     if "AdEMAMix" in names:  # three states in one buffer: not modelled
         return None
     if "Optimizer2State" in names:
@@ -649,7 +653,7 @@ def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple
     """
     if optimizer is None:
         return 0.0, "none"
-    bnb = bnb_state_count(optimizer)
+    bnb = None if is_galore(optimizer) else bnb_state_count(optimizer)  # GaLore's: projected, below
     if bnb is not None:
         bits = getattr(getattr(optimizer, "args", None), "optim_bits", 32)
         return (float(bnb) if bits == 8 else 4.0 * bnb), f"{type(optimizer).__name__}"

@@ -38,6 +38,10 @@ METHODS: dict[str, Factory] = {
     "galore_adamw": lambda m: galore_torch.GaLoreAdamW(
         low_rank_param_groups(m, rank=RANK, update_proj_gap=3), lr=3e-3, weight_decay=0.01, no_deprecation_warning=True
     ),
+    # 8-bit moments from 128 values: the projected 32 x 4 matrices' are quantised
+    "galore_adamw8bit": lambda m: galore_torch.GaLoreAdamW8bit(
+        low_rank_param_groups(m, rank=RANK, update_proj_gap=3), lr=3e-3, weight_decay=0.01, min_8bit_size=128
+    ),
     "galore_adafactor": lambda m: galore_torch.GaLoreAdafactor(
         low_rank_param_groups(m, rank=RANK, update_proj_gap=3, proj_type="full"),
         lr=3e-3,
@@ -261,13 +265,54 @@ def test_galore_state_is_at_the_projected_shape(shape, proj_type):
     assert all(m.untyped_storage().nbytes() == 4 * m.numel() for m in matrices)
 
 
-def test_galore_adamw8bit_off_cuda_is_refused_clearly():
-    layer = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))})
-    optimizer = galore_torch.GaLoreAdamW8bit(low_rank_param_groups(layer, rank=4), lr=1e-3)
-    for p in layer.parameters():
-        p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match=r"GaLoreAdamW8bit runs on CUDA only .* Use galore_torch.GaLoreAdamW"):
+def test_galore_adamw8bit_steps_on_the_cpu_as_bitsandbytes_does_on_the_projected_gradient():
+    """galore-torch's AdamW8bit against its own pieces composed by hand: GaLore's projector and bitsandbytes'
+    AdamW8bit (keyword arguments) on the projected gradient, then the projection back and the decoupled decay."""
+    import bitsandbytes as bnb
+    from galore_torch.galore_projector import GaLoreProjector
+
+    torch.manual_seed(0)
+    lr, wd, rank, gap = 1e-2, 0.1, 8, 2
+    layer = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(32, 64)])})
+    weight, bias = layer["layers"][0].weight, layer["layers"][0].bias
+    groups = low_rank_param_groups(layer, rank=rank, update_proj_gap=gap)
+    assert groups[1]["params"] == [weight] and groups[0]["params"] == [bias]
+    # 8-bit state from 128 values: the projected 64 x 8 moments and the bias's 64 are both quantised
+    optimizer = galore_torch.GaLoreAdamW8bit(groups, lr=lr, weight_decay=wd, min_8bit_size=32)
+    # what bitsandbytes' kernels are given (its CPU kernels ignore skip_zeros, so the trajectory alone cannot tell)
+    config = optimizer.get_config(1, 0, groups[1])
+    assert config["max_unorm"] == 0.0 and config["skip_zeros"] is False
+
+    initial = weight.detach().clone()
+    ref_weight, ref_bias = weight.detach().clone(), torch.nn.Parameter(bias.detach().clone())
+    projector = GaLoreProjector(rank, update_proj_gap=gap, scale=groups[1]["scale"], proj_type="std")
+    low = torch.nn.Parameter(torch.zeros(64, rank))
+    reference = bnb.optim.AdamW8bit(
+        [{"params": [ref_bias]}, {"params": [low], "weight_decay": 0.0}], lr=lr, weight_decay=wd, min_8bit_size=32
+    )
+    for step in range(5):
+        grad_w, grad_b = torch.randn(64, 32), torch.randn(64)
+        grad_b[::3] = 0.0  # exact zeros, which CUDA's kernels skip under skip_zeros=True (the misplaced block_wise)
+        weight.grad, bias.grad = grad_w.clone(), grad_b.clone()
         optimizer.step()
+
+        low.data.zero_()
+        low.grad = projector.project(grad_w, step)
+        ref_bias.grad = grad_b.clone()
+        reference.step()
+        ref_weight = ref_weight + projector.project_back(low.data)
+        ref_weight.add_(ref_weight, alpha=-lr * wd)
+        assert torch.equal(weight.detach(), ref_weight), step
+        assert torch.equal(bias.detach(), ref_bias.detach()), step
+    assert optimizer.state[weight]["state1"].dtype == torch.uint8  # the moments really are 8-bit codes
+    assert (weight.detach() - initial).abs().max() > 1e-3  # five steps of lr 1e-2 moved it
+
+
+def test_galore_adamw8bit_refuses_options_bitsandbytes_no_longer_has():
+    layer = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(16, 16)])})
+    for options in ({"percentile_clipping": 5}, {"block_wise": False}):
+        with pytest.raises(ValueError, match=r"bitsandbytes 0\.50 and newer have no percentile clipping"):
+            galore_torch.GaLoreAdamW8bit(low_rank_param_groups(layer, rank=4), lr=1e-3, **options)
 
 
 @pytest.mark.parametrize("method", ["galore_adamw", "flora"])

@@ -74,6 +74,7 @@ FT_METHODS: dict[str, Method] = {
         ),
         # compressed optimizer state (docs/compressed-state.md); the lrs are AdamW's / BAdam's, not swept yet
         Method("galore", "GaLore AdamW, rank H/4 (bf16-true)", "bf16-true", "galore-adamw", lr=3.33e-4),
+        Method("galore-8bit", "GaLore AdamW8bit, rank H/4 (bf16-true)", "bf16-true", "galore-adamw8bit", lr=3.33e-4),
         Method("flora", "FLORA, rank H/4 (bf16-true)", "bf16-true", "flora", lr=3.33e-4),
         Method("foam", "FOAM (bf16-true)", "bf16-true", "foam", lr=3.33e-4),
         Method("adamw4bit-ao", "AdamW4bit, torchao (bf16-true)", "bf16-true", "adamw4bit-ao", lr=3.33e-4),

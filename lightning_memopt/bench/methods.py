@@ -38,6 +38,7 @@ OPTIMIZERS = (
     "sgd-plain",
     "adalomo",
     "galore-adamw",
+    "galore-adamw8bit",
     "flora",
     "foam",
     "adamw4bit-ao",
@@ -215,6 +216,7 @@ METHODS: dict[str, Method] = {
         Method("flora", "FLORA, rank H/4 (bf16-true)", "bf16-true", "flora"),
         Method("foam", "FOAM (bf16-true)", "bf16-true", "foam"),
         Method("adamw4bit-ao", "AdamW4bit, torchao (bf16-true)", "bf16-true", "adamw4bit-ao"),
+        Method("galore-8bit", "GaLore AdamW8bit, rank H/4 (bf16-true)", "bf16-true", "galore-adamw8bit"),
         Method("badam-galore", "BAdam + GaLore AdamW (bf16-true)", "bf16-true", "galore-adamw", kind="badam"),
         Method("badam-flora", "BAdam + FLORA (bf16-true)", "bf16-true", "flora", kind="badam"),
         Method("badam-foam", "BAdam + FOAM (bf16-true)", "bf16-true", "foam", kind="badam"),
@@ -314,19 +316,22 @@ def build_optimizer(
         # a relative step like Adafactor's: the same lr setting
         return AdaLomo(params, lr=config.adafactor_lr if lr is None else lr)
     rank = max(1, _hidden_size(module, config) // 4)
-    if name == "galore-adamw":
-        from galore_torch import GaLoreAdamW
+    if name in ("galore-adamw", "galore-adamw8bit"):
+        from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
 
         from lightning_memopt.low_rank import low_rank_param_groups
 
         if module is None:
-            raise ValueError("build_optimizer('galore-adamw', ...) needs module= to choose the projected matrices.")
+            raise ValueError(f"build_optimizer({name!r}, ...) needs module= to choose the projected matrices.")
         trained = {id(p) for p in params}
         groups = [
             {**g, "params": [p for p in g["params"] if id(p) in trained]}
             for g in low_rank_param_groups(module, rank=rank, update_proj_gap=200, scale=1.0)
         ]
-        return GaLoreAdamW(groups, lr=config.lr if lr is None else lr, weight_decay=0.0, no_deprecation_warning=True)
+        lr = config.lr if lr is None else lr
+        if name == "galore-adamw8bit":  # keyword arguments only; the pack's shim fixes its own positional ones
+            return GaLoreAdamW8bit(groups, lr=lr, weight_decay=0.0)
+        return GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
     if name == "flora":
         from flora_opt import Flora
 
