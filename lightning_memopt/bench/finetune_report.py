@@ -156,7 +156,7 @@ def _run_many(
     def one(item: tuple[Method, FinetuneConfig, Path]) -> dict[str, Any] | None:
         method, run_config, where = item
         args = _worker_args(method, run_config, base, task, where)
-        row = run_worker(args, where, run_config.threads, timeout_s, reuse={"jobs": jobs} if resume else None)
+        row = run_worker(args, where, run_config.threads, timeout_s, settings={"jobs": jobs}, resume=resume)
         bar.set_postfix_str(f"{method.name} seed {run_config.seed}")
         bar.update()
         if row is None:

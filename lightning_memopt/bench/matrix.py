@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,21 @@ def run_worker(
     threads: int,
     timeout_s: float | None = None,
     result: str = "row.json",
-    reuse: dict[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any] | None:
     """Run ``python -m lightning_memopt.bench <args>`` in a new interpreter with its output in ``out/log.txt``, and
     return the ``out/<result>`` JSON it wrote; ``None`` (with the reason in ``out/error.txt``) when it failed. Every
     sub-benchmark (matrix, fine-tuning, communication) starts its rows through this one runner.
 
-    ``reuse``: what else decides the row besides ``args`` and ``threads`` (the number of rows run at once, say). A
-    finished run records all three in ``out/done.json``; given ``reuse``, a run whose record matches returns its row
-    without running again (a benchmark that was stopped resumes where it was), and any other run starts afresh.
+    A finished run records ``args``, ``threads`` and ``settings`` (what else decides the row: the number of rows run
+    at once, say) in ``out/done.json``. With ``resume``, a run whose record matches returns its row without running
+    again (a benchmark that was stopped resumes where it was); any other run starts afresh.
     """
     out.mkdir(parents=True, exist_ok=True)
     row_file, done_file = out / result, out / "done.json"
-    record = {"args": list(args), "threads": threads, **(reuse or {})}
-    finished = reuse is not None and row_file.is_file() and done_file.is_file()
+    record = {"args": list(args), "threads": threads, **(settings or {})}
+    finished = resume and row_file.is_file() and done_file.is_file()
     if finished and json.loads(done_file.read_text()) == record:
         return json.loads(row_file.read_text())
     row_file.unlink(missing_ok=True)
