@@ -251,7 +251,8 @@ def install_galore_shims() -> bool:
 
 
 def _shim_adamw8bit(cls: type) -> None:
-    """The two fixes to galore-torch 1.0's ``AdamW8bit`` that :func:`install_galore_shims` describes."""
+    """The fixes to galore-torch 1.0's ``AdamW8bit`` that :func:`install_galore_shims` describes (arguments,
+    devices, gradients)."""
     import inspect
 
     from bitsandbytes.optim.optimizer import Optimizer2State
@@ -282,10 +283,9 @@ def _shim_adamw8bit(cls: type) -> None:
         if closure is not None:  # first, as galore-torch does: the gradients to put back are the closure's
             with torch.enable_grad():
                 loss = closure()
-        params = [p for g in self.param_groups for p in g["params"]]
         grads = {p: p.grad for g in self.param_groups if "rank" in g for p in g["params"]}
         synchronize = torch.cuda.synchronize
-        if not any(p.device.type == "cuda" for p in params):
+        if not any(p.device.type == "cuda" for g in self.param_groups for p in g["params"]):
             torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
         try:
             step(self)

@@ -463,10 +463,14 @@ def _factored_bytes(shape: Sequence[int], size: int) -> int:
     return (numel // cols + numel // rows) * size if numel else 0
 
 
+def _galore_state_shape(param: Tensor, group: Mapping[str, Any]) -> tuple[int, ...]:
+    projection = galore_projection(tuple(param.shape), group)
+    return tuple(param.shape) if projection is None else projection[0]
+
+
 def _galore_state_bytes(optimizer: Optimizer, param: Tensor, group_index: int, param_index: int) -> int | None:
     group = optimizer.param_groups[group_index]
-    projection = galore_projection(tuple(param.shape), group)
-    shape = tuple(param.shape) if projection is None else projection[0]
+    shape = _galore_state_shape(param, group)
     numel = math.prod(shape)
     name = type(optimizer).__name__
     if name == "Adafactor":
@@ -611,8 +615,7 @@ def predict_optimizer_state_bytes(optimizer: Optimizer) -> int | None:
             if bnb_states is not None:
                 config = optimizer.get_config(gi, pi, group)  # type: ignore[attr-defined]
                 # GaLore's AdamW8bit keeps the moments at the projected shape
-                projection = galore_projection(tuple(p.shape), group) if is_galore(optimizer) else None
-                numel = p.numel() if projection is None else math.prod(projection[0])
+                numel = math.prod(_galore_state_shape(p, group)) if is_galore(optimizer) else p.numel()
                 uses_qmap = uses_qmap or (config["optim_bits"] == 8 and numel >= config["min_8bit_size"])
     # bitsandbytes: one quantisation map per state (signed, unsigned), shared by all the optimizer's 8-bit tensors
     return total + (bnb_states or 0) * _BNB_QMAP_BYTES * uses_qmap
@@ -653,7 +656,14 @@ def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple
     """
     if optimizer is None:
         return 0.0, "none"
-    bnb = None if is_galore(optimizer) else bnb_state_count(optimizer)  # GaLore's: projected, below
+    if is_galore(optimizer) or is_flora(optimizer) or is_torchao_low_bit(optimizer) or isinstance(optimizer, FOAM):
+        # shape-dependent (rank, block sizes): the average over the tensors the optimizer trains now
+        trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        predicted = predict_optimizer_state_bytes(optimizer)
+        numel = sum(local_tensor(p).numel() for p in trained)
+        name = f"GaLore{type(optimizer).__name__}" if is_galore(optimizer) else type(optimizer).__name__
+        return (predicted / numel if predicted is not None and numel else 0.0), name
+    bnb = bnb_state_count(optimizer)
     if bnb is not None:
         bits = getattr(getattr(optimizer, "args", None), "optim_bits", 32)
         return (float(bnb) if bits == 8 else 4.0 * bnb), f"{type(optimizer).__name__}"
@@ -664,13 +674,6 @@ def state_bytes_per_param(optimizer: Optimizer | None, state_size: int) -> tuple
         return (float(state_size) if momentum else 0.0), "SGD" + (" (momentum)" if momentum else "")
     if isinstance(optimizer, torch.optim.Adafactor | AdaLomo):
         return 0.0, type(optimizer).__name__
-    if is_galore(optimizer) or is_flora(optimizer) or is_torchao_low_bit(optimizer) or isinstance(optimizer, FOAM):
-        # shape-dependent (rank, block sizes): the average over the tensors the optimizer trains now
-        trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        predicted = predict_optimizer_state_bytes(optimizer)
-        numel = sum(local_tensor(p).numel() for p in trained)
-        name = f"GaLore{type(optimizer).__name__}" if is_galore(optimizer) else type(optimizer).__name__
-        return (predicted / numel if predicted is not None and numel else 0.0), name
     return 0.0, type(optimizer).__name__
 
 

@@ -144,7 +144,7 @@ def _run_many(
     failed: list[dict[str, str]],
     progress: bool,
     desc: str,
-    resume: bool = False,
+    resume: bool,
 ) -> list[dict[str, Any] | None]:
     """Run every ``(method, config, out)`` of ``plan`` in its own process, ``jobs`` at a time, in plan order; the
     rows in plan order (``None`` for a failed run, recorded in ``failed``). ``resume``: a run finished earlier with
